@@ -1,0 +1,19 @@
+"""Errors that end a run with a one-line message instead of a traceback.
+
+A user mistake (bad config, bad path, bad data) is a `UsageError` and exits with 2; a failure
+at run time that is not the user's fault (corrupt checkpoint, NaN loss, full disk) is a
+`RunFailure` and exits with 1. Both subclass a builtin so library callers can catch them
+the ordinary way (`ValueError`, `RuntimeError`).
+"""
+
+
+class UsageError(ValueError):
+  """The user asked for something that cannot work; the message names the fix."""
+
+  exit_code = 2
+
+
+class RunFailure(RuntimeError):
+  """The run failed at run time; the message says what was kept and how to go on."""
+
+  exit_code = 1

@@ -1,0 +1,233 @@
+"""Reading Hugging Face BERT/RoBERTa checkpoints into the Flax parameter tree.
+
+Torch stores linear weights as [out, in]; Flax kernels are [in, out] (and our attention
+projections are split per head), so each tensor is reshaped to the shape the Flax module
+expects, which also lets us name the exact tensor when a checkpoint disagrees with its
+config. Pickle is never loaded implicitly: `.bin` files go through
+`torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+
+import numpy as np
+
+from adapter_tuning.errors import UsageError
+from adapter_tuning.modeling import ACTS, ModelConfig
+
+SUPPORTED_MODEL_TYPES = ('bert', 'roberta')
+WEIGHT_FILES = ('model.safetensors', 'model.safetensors.index.json', 'pytorch_model.bin')
+
+
+def resolve_checkpoint(path_or_name: str) -> pathlib.Path:
+  """A local checkpoint directory, or a hub name downloaded with huggingface_hub."""
+  path = pathlib.Path(os.path.expanduser(str(path_or_name)))
+  if path.exists():
+    if not path.is_dir():
+      raise UsageError(f'checkpoint {path} is a file; pass the directory that holds '
+                       'config.json and the weights')
+    return path
+  looks_local = str(path_or_name).startswith(('.', '/', '~')) or str(path_or_name).count('/') > 1
+  if looks_local:
+    raise UsageError(f'checkpoint directory {path} does not exist; pass a local Hugging Face '
+                     'directory (config.json + model.safetensors) or a hub name')
+  try:
+    import huggingface_hub
+    local = huggingface_hub.snapshot_download(
+        str(path_or_name),
+        allow_patterns=['config.json', '*.safetensors', '*.safetensors.index.json', '*.json',
+                        'vocab.txt', 'merges.txt'])
+  except Exception as e:  # pylint: disable=broad-except  # offline, unknown repo, auth...
+    raise UsageError(
+        f'could not fetch {path_or_name!r} from the Hugging Face hub ({type(e).__name__}); '
+        'without network, download it elsewhere and pass the local directory with '
+        'config.json + model.safetensors + tokenizer files') from None
+  return pathlib.Path(local)
+
+
+def read_model_config(directory: pathlib.Path) -> ModelConfig:
+  config_path = directory / 'config.json'
+  if not config_path.exists():
+    raise UsageError(f'{directory} has no config.json; pass a Hugging Face checkpoint '
+                     'directory (saved with save_pretrained)')
+  try:
+    hf = json.loads(config_path.read_text())
+  except json.JSONDecodeError as e:
+    raise UsageError(f'{config_path} is not valid JSON ({e}); re-save the checkpoint') from None
+  model_type = hf.get('model_type')
+  if model_type not in SUPPORTED_MODEL_TYPES:
+    raise UsageError(f'unsupported model_type {model_type!r} in {config_path}; '
+                     f'supported: {", ".join(SUPPORTED_MODEL_TYPES)}')
+  act = hf.get('hidden_act', 'gelu')
+  if act not in ACTS:
+    raise UsageError(f'unsupported hidden_act {act!r} in {config_path}; supported: {ACTS}')
+  if hf.get('position_embedding_type', 'absolute') != 'absolute':
+    raise UsageError(f'position_embedding_type {hf["position_embedding_type"]!r} in '
+                     f'{config_path} is not supported; only absolute positions are')
+  return ModelConfig(
+      family=model_type,
+      vocab_size=hf['vocab_size'],
+      hidden_size=hf['hidden_size'],
+      num_layers=hf['num_hidden_layers'],
+      num_heads=hf['num_attention_heads'],
+      intermediate_size=hf['intermediate_size'],
+      max_positions=hf['max_position_embeddings'],
+      type_vocab_size=hf.get('type_vocab_size', 2),
+      pad_token_id=hf.get('pad_token_id', 0 if model_type == 'bert' else 1),
+      layer_norm_eps=hf.get('layer_norm_eps', 1e-12),
+      hidden_act=act,
+      hidden_dropout=hf.get('hidden_dropout_prob', 0.1),
+      attention_dropout=hf.get('attention_probs_dropout_prob', 0.1),
+  )
+
+
+def _load_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
+  from safetensors.numpy import load_file
+  try:
+    return load_file(str(path))
+  except Exception as e:  # pylint: disable=broad-except
+    raise UsageError(f'cannot read {path} ({e}); the file is corrupt or not safetensors: '
+                     're-download or re-save the checkpoint') from None
+
+
+def _load_torch_bin(path: pathlib.Path) -> dict[str, np.ndarray]:
+  try:
+    import torch
+  except ImportError:
+    raise UsageError(f'{path} is a PyTorch pickle and torch is not installed; install torch '
+                     'or convert the checkpoint to model.safetensors') from None
+  try:
+    state = torch.load(str(path), map_location='cpu', weights_only=True)
+  except Exception as e:  # pylint: disable=broad-except
+    raise UsageError(f'cannot safely load {path} ({type(e).__name__}: {e}); only plain tensor '
+                     'state dicts are accepted; convert it to model.safetensors') from None
+  return {k: v.float().numpy() if v.is_floating_point() else v.numpy()
+          for k, v in state.items()}
+
+
+def weight_files(directory: pathlib.Path) -> list[pathlib.Path]:
+  """The files that hold the weights, in the order Hugging Face prefers them."""
+  if (directory / 'model.safetensors').exists():
+    return [directory / 'model.safetensors']
+  index = directory / 'model.safetensors.index.json'
+  if index.exists():
+    shards = sorted(set(json.loads(index.read_text())['weight_map'].values()))
+    return [directory / s for s in shards]
+  if (directory / 'pytorch_model.bin').exists():
+    return [directory / 'pytorch_model.bin']
+  raise UsageError(f'{directory} has no weights: expected one of {", ".join(WEIGHT_FILES)}')
+
+
+def load_state_dict(directory: pathlib.Path) -> dict[str, np.ndarray]:
+  state = {}
+  for f in weight_files(directory):
+    if not f.exists():
+      raise UsageError(f'weight shard {f} listed in the index is missing; re-download it')
+    state.update(_load_torch_bin(f) if f.suffix == '.bin' else _load_safetensors(f))
+  return state
+
+
+def checkpoint_identity(directory: pathlib.Path) -> dict:
+  """Content hash of the weights: what adapter artifacts record to refuse a wrong base."""
+  digest = hashlib.sha256()
+  for f in weight_files(directory):
+    with open(f, 'rb') as fh:
+      for chunk in iter(lambda: fh.read(1 << 22), b''):
+        digest.update(chunk)
+  return {'name': directory.name, 'sha256': digest.hexdigest()}
+
+
+def _strip_prefix(state: dict[str, np.ndarray], family: str) -> dict[str, np.ndarray]:
+  out = {}
+  for key, value in state.items():
+    for prefix in (f'{family}.', 'bert.', 'roberta.', 'model.'):
+      if key.startswith(prefix):
+        key = key[len(prefix):]
+        break
+    key = key.replace('LayerNorm.gamma', 'LayerNorm.weight').replace('LayerNorm.beta',
+                                                                      'LayerNorm.bias')
+    out[key] = value
+  return out
+
+
+def _hf_name(path: tuple[str, ...]) -> tuple[str, str]:
+  """Maps a Flax param path (under the encoder) to (HF key, kind of conversion)."""
+  leaf = path[-1]
+  if path[0] == 'embeddings':
+    if path[1] == 'layer_norm':
+      return f'embeddings.LayerNorm.{"weight" if leaf == "scale" else "bias"}', 'copy'
+    return f'embeddings.{path[1]}.weight', 'copy'
+  if path[0] == 'pooler':
+    return f'pooler.dense.{"weight" if leaf == "kernel" else "bias"}', 'linear'
+  layer = int(path[0].split('_')[1])
+  base = f'encoder.layer.{layer}.'
+  wb = 'weight' if leaf in ('kernel', 'scale') else 'bias'
+  module = path[1]
+  if module == 'attention':
+    proj = path[2]
+    if proj == 'out':
+      return base + f'attention.output.dense.{wb}', 'attn_out'
+    return base + f'attention.self.{proj}.{wb}', 'attn_in'
+  names = {
+      'attention_layer_norm': 'attention.output.LayerNorm',
+      'intermediate': 'intermediate.dense',
+      'output': 'output.dense',
+      'ffn_layer_norm': 'output.LayerNorm',
+  }
+  kind = 'copy' if module.endswith('layer_norm') else 'linear'
+  return base + f'{names[module]}.{wb}', kind
+
+
+def _convert(value: np.ndarray, kind: str, target_shape: tuple[int, ...], leaf: str):
+  if kind == 'linear' and leaf == 'kernel':
+    value = value.T
+  elif kind == 'attn_in':  # torch [N*H, D] -> flax [D, N, H]; bias [N*H] -> [N, H]
+    value = value.T if leaf == 'kernel' else value
+  elif kind == 'attn_out' and leaf == 'kernel':  # torch [D, N*H] -> flax [N, H, D]
+    value = value.T
+  if value.size != int(np.prod(target_shape)):
+    raise ValueError
+  return value.reshape(target_shape)
+
+
+def convert_encoder_params(state: dict[str, np.ndarray], shapes, family: str,
+                           source: str) -> tuple[dict, list[str]]:
+  """Builds the encoder's (non-adapter) params from a HF state dict.
+
+  Args:
+    state: HF tensors.
+    shapes: nested dict of ShapeDtypeStruct for the encoder params (from `eval_shape`).
+    family: 'bert' or 'roberta'.
+    source: checkpoint directory, for error messages.
+
+  Returns:
+    (params, names of checkpoint tensors that were not used). A missing pooler is left
+    out of params.
+  """
+  import flax.traverse_util as tu
+  state = _strip_prefix(state, family)
+  flat_shapes = tu.flatten_dict(shapes)
+  params, used = {}, set()
+  for path, spec in flat_shapes.items():
+    if any(p.endswith('_adapter') for p in path):
+      continue
+    key, kind = _hf_name(path)
+    if key not in state and path[0] == 'pooler':
+      continue  # checkpoints saved without a pooler: the caller keeps its fresh init
+    if key not in state:
+      raise UsageError(f'checkpoint {source} lacks tensor {key!r} needed for {"/".join(path)}; '
+                       'is it a BERT/RoBERTa encoder checkpoint?')
+    value = np.asarray(state[key])
+    try:
+      params[path] = _convert(value, kind, spec.shape, path[-1]).astype(np.float32)
+    except ValueError:
+      raise UsageError(f'tensor {key!r} in {source} has shape {tuple(value.shape)} but '
+                       f'config.json implies {spec.shape} for {"/".join(path)}; the weights '
+                       'and config.json do not match') from None
+    used.add(key)
+  unused = sorted(k for k in state if k not in used and not k.endswith('position_ids'))
+  return tu.unflatten_dict(params), unused

@@ -1,0 +1,176 @@
+"""A Flax Linen encoder for the BERT family (BERT, RoBERTa), with optional adapters.
+
+One module tree serves both families: RoBERTa differs only in how position ids are made
+(offset past the padding index) and in having a single token type. Parameter paths are
+what the rest of the project matches on: adapter parameters live under `*_adapter/`,
+every LayerNorm under `*layer_norm/`, the task head under `head/`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from adapter_tuning.adapters import Adapter, AdapterConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Geometry of a BERT-family encoder, read from a Hugging Face `config.json`."""
+
+  family: str = 'bert'  # 'bert' | 'roberta'
+  vocab_size: int = 30522
+  hidden_size: int = 768
+  num_layers: int = 12
+  num_heads: int = 12
+  intermediate_size: int = 3072
+  max_positions: int = 512
+  type_vocab_size: int = 2
+  pad_token_id: int = 0
+  layer_norm_eps: float = 1e-12
+  hidden_act: str = 'gelu'
+  hidden_dropout: float = 0.1
+  attention_dropout: float = 0.1
+
+  @property
+  def position_offset(self) -> int:
+    """RoBERTa numbers positions from pad_token_id + 1; BERT from 0."""
+    return self.pad_token_id + 1 if self.family == 'roberta' else 0
+
+  @property
+  def max_seq_length(self) -> int:
+    return self.max_positions - self.position_offset
+
+
+_HIDDEN_ACTS = {
+    'gelu': lambda x: jax.nn.gelu(x, approximate=False),
+    'gelu_new': lambda x: jax.nn.gelu(x, approximate=True),
+    'gelu_pytorch_tanh': lambda x: jax.nn.gelu(x, approximate=True),
+    'relu': jax.nn.relu,
+}
+
+ACTS = tuple(_HIDDEN_ACTS)
+
+
+class Embeddings(nn.Module):
+  config: ModelConfig
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, input_ids_BxT, token_type_ids_BxT, deterministic: bool):
+    cfg = self.config
+    if cfg.family == 'roberta':
+      not_pad_BxT = (input_ids_BxT != cfg.pad_token_id).astype(jnp.int32)
+      positions_BxT = jnp.cumsum(not_pad_BxT, axis=1) * not_pad_BxT + cfg.pad_token_id
+    else:
+      positions_BxT = jnp.broadcast_to(jnp.arange(input_ids_BxT.shape[1]), input_ids_BxT.shape)
+    x = nn.Embed(cfg.vocab_size, cfg.hidden_size, name='word_embeddings')(input_ids_BxT)
+    x += nn.Embed(cfg.max_positions, cfg.hidden_size, name='position_embeddings')(positions_BxT)
+    x += nn.Embed(cfg.type_vocab_size, cfg.hidden_size,
+                  name='token_type_embeddings')(token_type_ids_BxT)
+    x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, name='layer_norm')(x)
+    x = nn.Dropout(cfg.hidden_dropout)(x, deterministic=deterministic)
+    return x.astype(self.dtype)
+
+
+class SelfAttention(nn.Module):
+  """Multi-head self-attention; `jax.nn.dot_product_attention` when no attention dropout."""
+
+  config: ModelConfig
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxTxD, mask_BxT, deterministic: bool):
+    cfg = self.config
+    head_dim = cfg.hidden_size // cfg.num_heads
+    dense = lambda name: nn.DenseGeneral((cfg.num_heads, head_dim), dtype=self.dtype, name=name)
+    q_BxTxNxH = dense('query')(x_BxTxD)
+    k_BxTxNxH = dense('key')(x_BxTxD)
+    v_BxTxNxH = dense('value')(x_BxTxD)
+    use_dropout = not deterministic and cfg.attention_dropout > 0
+    if use_dropout:
+      logits_BxNxTxT = jnp.einsum('btnh,bsnh->bnts', q_BxTxNxH, k_BxTxNxH) / jnp.sqrt(
+          jnp.asarray(head_dim, self.dtype))
+      big_neg = jnp.finfo(logits_BxNxTxT.dtype).min
+      logits_BxNxTxT = jnp.where(mask_BxT[:, None, None, :], logits_BxNxTxT, big_neg)
+      probs_BxNxTxT = jax.nn.softmax(logits_BxNxTxT.astype(jnp.float32), axis=-1)
+      probs_BxNxTxT = nn.Dropout(cfg.attention_dropout)(probs_BxNxTxT, deterministic=False)
+      out_BxTxNxH = jnp.einsum('bnts,bsnh->btnh', probs_BxNxTxT.astype(self.dtype), v_BxTxNxH)
+    else:
+      out_BxTxNxH = jax.nn.dot_product_attention(
+          q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, mask=mask_BxT[:, None, None, :])
+    return nn.DenseGeneral(cfg.hidden_size, axis=(-2, -1), dtype=self.dtype,
+                           name='out')(out_BxTxNxH)
+
+
+class TransformerLayer(nn.Module):
+  """Post-LN layer: LN(x + Adapter(Drop(Attn(x)))), then LN(h + Adapter(Drop(FFN(h))))."""
+
+  config: ModelConfig
+  adapter: Optional[AdapterConfig]
+  index: int
+  dtype: jnp.dtype = jnp.float32
+
+  def _adapter(self, site):
+    a = self.adapter
+    if a is None or not a.has_adapter(self.index, site):
+      return None
+    return Adapter(a.size, a.activation, a.init_scale, dtype=self.dtype, name=f'{site}_adapter')
+
+  @nn.compact
+  def __call__(self, x_BxTxD, mask_BxT, deterministic: bool):
+    cfg = self.config
+    drop = lambda y: nn.Dropout(cfg.hidden_dropout)(y, deterministic=deterministic)
+    ln = lambda name: nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=self.dtype, name=name)
+
+    a_BxTxD = drop(SelfAttention(cfg, self.dtype, name='attention')(
+        x_BxTxD, mask_BxT, deterministic))
+    if (adapter := self._adapter('attention')) is not None:
+      a_BxTxD = adapter(a_BxTxD)
+    h_BxTxD = ln('attention_layer_norm')(x_BxTxD + a_BxTxD)
+
+    f_BxTxF = nn.Dense(cfg.intermediate_size, dtype=self.dtype, name='intermediate')(h_BxTxD)
+    f_BxTxF = _HIDDEN_ACTS[cfg.hidden_act](f_BxTxF)
+    f_BxTxD = drop(nn.Dense(cfg.hidden_size, dtype=self.dtype, name='output')(f_BxTxF))
+    if (adapter := self._adapter('ffn')) is not None:
+      f_BxTxD = adapter(f_BxTxD)
+    return ln('ffn_layer_norm')(h_BxTxD + f_BxTxD)
+
+
+class Encoder(nn.Module):
+  """Embeddings, the layer stack and the pooler; returns last hidden state and pooled [CLS].
+
+  Attributes:
+    remat: rematerialise each layer in the backward pass (less memory, ~1/3 more compute).
+    frozen_below: layers below this index have no trainable parameters, so no gradient
+      needs to flow into them: the input of layer `frozen_below` is a stop-gradient.
+  """
+
+  config: ModelConfig
+  adapter: Optional[AdapterConfig] = None
+  dtype: jnp.dtype = jnp.float32
+  remat: bool = False
+  frozen_below: int = 0
+
+  @nn.compact
+  def __call__(self, input_ids_BxT, attention_mask_BxT, token_type_ids_BxT=None,
+               deterministic: bool = True):
+    cfg = self.config
+    if token_type_ids_BxT is None:
+      token_type_ids_BxT = jnp.zeros_like(input_ids_BxT)
+    mask_BxT = attention_mask_BxT.astype(bool)
+    x_BxTxD = Embeddings(cfg, self.dtype, name='embeddings')(
+        input_ids_BxT, token_type_ids_BxT, deterministic)
+    layer_cls = nn.remat(TransformerLayer, static_argnums=(3,)) if self.remat else TransformerLayer
+    for i in range(cfg.num_layers):
+      if i == self.frozen_below and i > 0:
+        x_BxTxD = jax.lax.stop_gradient(x_BxTxD)
+      x_BxTxD = layer_cls(cfg, self.adapter, i, self.dtype, name=f'layer_{i}')(
+          x_BxTxD, mask_BxT, deterministic)
+    pooled_BxD = jnp.tanh(nn.Dense(cfg.hidden_size, dtype=self.dtype, name='pooler')(
+        x_BxTxD[:, 0]))
+    return {'last_hidden_state': x_BxTxD, 'pooled': pooled_BxD}
