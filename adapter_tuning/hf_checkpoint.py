@@ -231,3 +231,26 @@ def convert_encoder_params(state: dict[str, np.ndarray], shapes, family: str,
     used.add(key)
   unused = sorted(k for k in state if k not in used and not k.endswith('position_ids'))
   return tu.unflatten_dict(params), unused
+
+
+def export_encoder_state(params: dict) -> dict[str, np.ndarray]:
+  """The inverse of `convert_encoder_params`: HF-named torch-layout tensors (no prefix).
+
+  Adapter params are skipped; they have their own export formats.
+  """
+  import flax.traverse_util as tu
+  state = {}
+  for path, value in tu.flatten_dict(params).items():
+    if any(p.endswith('_adapter') for p in path):
+      continue
+    key, kind = _hf_name(path)
+    value = np.asarray(value, np.float32)
+    leaf = path[-1]
+    if kind == 'attn_in':
+      value = value.reshape(value.shape[0], -1).T if leaf == 'kernel' else value.reshape(-1)
+    elif kind == 'attn_out' and leaf == 'kernel':
+      value = value.reshape(-1, value.shape[-1]).T
+    elif kind in ('linear', 'attn_out') and leaf == 'kernel':
+      value = value.T
+    state[key] = np.ascontiguousarray(value)
+  return state

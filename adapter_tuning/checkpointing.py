@@ -1,0 +1,67 @@
+"""Resumable training state with orbax: trainable params, optimizer state, step and RNG.
+
+The frozen base is not saved (it is the pretrained checkpoint, identified by its hash in
+the metadata); the data position needs no saving because the data order is a pure
+function of (seed, epoch) and the step says where in it we are. Saves are asynchronous;
+every process joins them. A latest checkpoint that cannot be read is reported and the
+previous one is used; one is never deleted to make room before the new one is complete
+(orbax writes to a temporary folder and renames).
+"""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+
+import jax
+import orbax.checkpoint as ocp
+
+from adapter_tuning.errors import RunFailure
+
+
+class Checkpointer:
+  def __init__(self, directory: pathlib.Path, keep: int):
+    self.directory = pathlib.Path(directory).absolute()
+    options = ocp.CheckpointManagerOptions(max_to_keep=max(keep, 1), create=True,
+                                           enable_async_checkpointing=True)
+    self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def latest_step(self):
+    return self._manager.latest_step()
+
+  def save(self, step: int, state, meta: dict, force: bool = False):
+    self._manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
+
+  def restore(self, abstract_state):
+    """Restores the newest readable checkpoint: (state, meta, step), or None if there is none.
+
+    Raises RunFailure when checkpoints exist but none can be read: never restart from
+    scratch silently.
+    """
+    steps = sorted(self._manager.all_steps(), reverse=True)
+    if not steps:
+      return None
+    errors = []
+    for step in steps:
+      try:
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+      except Exception as e:  # pylint: disable=broad-except  # any unreadable checkpoint
+        errors.append(f'step {step}: {type(e).__name__}: {str(e).splitlines()[0][:200]}')
+        logging.warning('checkpoint at step %d cannot be read (%s); trying an older one',
+                        step, errors[-1])
+        continue
+      if errors and jax.process_index() == 0:
+        print(f'warning: skipped unreadable checkpoint(s): {"; ".join(errors)}; '
+              f'resuming from step {step}', flush=True)
+      return restored['state'], restored['meta'], step
+    raise RunFailure(f'checkpoints exist in {self.directory} but none can be read '
+                     f'({"; ".join(errors)}); fix or move that folder, or use a new --workdir')
+
+  def wait(self):
+    self._manager.wait_until_finished()
+
+  def close(self):
+    self._manager.wait_until_finished()
+    self._manager.close()

@@ -1,0 +1,80 @@
+"""Pure train and eval steps. The trainable subtree is the only thing differentiated.
+
+`state` = {'step', 'params' (trainable only), 'opt_state', 'rng'}; the frozen params are a
+separate, non-donated argument. Because the gradient is taken with respect to the
+trainable subtree alone, XLA never forms weight gradients for the frozen base (the
+backward pass still propagates activations through it where a trainable param lies below).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from adapter_tuning import trainable as trainable_lib
+
+
+def task_loss(head: str, logits, batch):
+  """Mean loss over the real examples of a batch (weights = batch['mask'] when present)."""
+  if head == 'regression':
+    per_example = jnp.square(logits[:, 0] - batch['labels'])
+  elif head == 'span':
+    mask = batch['attention_mask'].astype(bool)
+    start_logits = jnp.where(mask, logits[..., 0], -1e9)
+    end_logits = jnp.where(mask, logits[..., 1], -1e9)
+    per_example = 0.5 * (
+        optax.softmax_cross_entropy_with_integer_labels(start_logits, batch['start_positions']) +
+        optax.softmax_cross_entropy_with_integer_labels(end_logits, batch['end_positions']))
+  else:
+    per_example = optax.softmax_cross_entropy_with_integer_labels(logits, batch['labels'])
+  weights = batch.get('mask', jnp.ones_like(per_example))
+  return jnp.sum(per_example * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def init_state(trainable_params, tx, seed: int):
+  return {'step': jnp.zeros((), jnp.int32), 'params': trainable_params,
+          'opt_state': tx.init(trainable_params), 'rng': jax.random.PRNGKey(seed)}
+
+
+def make_train_step(model, tx, head: str):
+  """Returns train_step(state, frozen, batch) -> (state, metrics).
+
+  A step whose loss or gradients are not finite leaves the state unchanged and reports
+  `finite = 0`; the loop stops the run there, keeping the last good checkpoint.
+  """
+
+  def loss_fn(params, frozen, batch, rng):
+    logits = model.apply({'params': trainable_lib.merge(params, frozen)}, batch['input_ids'],
+                         batch['attention_mask'], batch['token_type_ids'], deterministic=False,
+                         rngs={'dropout': rng})
+    return task_loss(head, logits, batch)
+
+  def train_step(state, frozen, batch):
+    rng = jax.random.fold_in(state['rng'], state['step'])
+    loss, grads = jax.value_and_grad(loss_fn)(state['params'], frozen, batch, rng)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+    new_state = {'step': state['step'] + 1,
+                 'params': optax.apply_updates(state['params'], updates),
+                 'opt_state': opt_state, 'rng': state['rng']}
+    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+    return new_state, {'loss': loss, 'grad_norm': grad_norm, 'finite': finite}
+
+  return train_step
+
+
+def make_eval_step(model, head: str):
+  """Returns eval_step(params, batch) -> predictions: class ids, scores, or span logits."""
+
+  def eval_step(params, batch):
+    logits = model.apply({'params': params}, batch['input_ids'], batch['attention_mask'],
+                         batch['token_type_ids'], deterministic=True)
+    if head == 'regression':
+      return {'predictions': logits[:, 0]}
+    if head == 'span':
+      return {'start_logits': logits[..., 0], 'end_logits': logits[..., 1]}
+    return {'predictions': jnp.argmax(logits, -1), 'logits': logits}
+
+  return eval_step

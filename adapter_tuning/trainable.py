@@ -1,0 +1,147 @@
+"""What trains, declared once: ordered (regex, 'train' | 'freeze') rules over param paths.
+
+Paths are '/'-joined, e.g. 'encoder/layer_3/ffn_adapter/down/kernel' or 'head/kernel'.
+The first rule that matches (re.search) decides; a parameter that no rule matches is an
+error, so a typo in a rule cannot silently freeze or train the wrong thing. The same
+rules drive the optimizer, the checkpoint contents, the parameter table and the export.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+import flax.traverse_util as tu
+import numpy as np
+
+from adapter_tuning.errors import UsageError
+
+Rules = tuple[tuple[str, str], ...]
+
+ADAPTERS: Rules = (
+    (r'_adapter/', 'train'),
+    (r'layer_norm/', 'train'),
+    (r'^head/', 'train'),
+    (r'.*', 'freeze'),
+)
+FULL: Rules = ((r'.*', 'train'),)
+HEAD: Rules = ((r'^head/', 'train'), (r'.*', 'freeze'))
+
+
+def top_k(k: int, num_layers: int) -> Rules:
+  """Fine-tune the top k transformer layers (and the head): the paper's baseline."""
+  if not 0 <= k <= num_layers:
+    raise UsageError(f'trainable=top:{k} but the model has {num_layers} layers; use 0..{num_layers}')
+  layers = '|'.join(str(i) for i in range(num_layers - k, num_layers))
+  rules: list[tuple[str, str]] = [(r'^head/', 'train')]
+  if k:
+    rules.append((rf'^encoder/layer_({layers})/', 'train'))
+  rules.append((r'.*', 'freeze'))
+  return tuple(rules)
+
+
+def resolve(spec, num_layers: int) -> Rules:
+  """'adapters' | 'full' | 'head' | 'top:K' | a list of (regex, 'train'|'freeze') pairs."""
+  if isinstance(spec, str):
+    if spec == 'adapters':
+      return ADAPTERS
+    if spec == 'full':
+      return FULL
+    if spec == 'head':
+      return HEAD
+    if spec.startswith('top:'):
+      try:
+        k = int(spec[4:])
+      except ValueError:
+        raise UsageError(f'trainable={spec!r}: K in top:K must be an integer') from None
+      return top_k(k, num_layers)
+    raise UsageError(f'unknown trainable preset {spec!r}; use adapters, full, head, top:K '
+                     'or a list of (regex, train|freeze) rules')
+  rules = []
+  for rule in spec:
+    if not isinstance(rule, Sequence) or len(rule) != 2 or rule[1] not in ('train', 'freeze'):
+      raise UsageError(f'bad trainable rule {rule!r}; each rule is (regex, "train"|"freeze")')
+    try:
+      re.compile(rule[0])
+    except re.error as e:
+      raise UsageError(f'bad regex {rule[0]!r} in trainable rules: {e}') from None
+    rules.append((str(rule[0]), str(rule[1])))
+  if not rules:
+    raise UsageError('trainable rules are empty; give at least one (regex, train|freeze)')
+  return tuple(rules)
+
+
+def path_str(path: tuple) -> str:
+  return '/'.join(str(p) for p in path)
+
+
+def decide(rules: Rules, path: str) -> bool:
+  for pattern, action in rules:
+    if re.search(pattern, path):
+      return action == 'train'
+  raise UsageError(f'no trainable rule matches parameter {path!r}; end the rules with '
+                   "('.*', 'freeze') or ('.*', 'train')")
+
+
+def mask(params: dict, rules: Rules) -> dict:
+  """A pytree of bools (True = trains) with the structure of params."""
+  flat = tu.flatten_dict(params)
+  return tu.unflatten_dict({k: decide(rules, path_str(k)) for k in flat})
+
+
+def split(params: dict, rules: Rules) -> tuple[dict, dict]:
+  """(trainable, frozen) nested dicts; each holds only its own leaves."""
+  flat = tu.flatten_dict(params)
+  train = {k: v for k, v in flat.items() if decide(rules, path_str(k))}
+  frozen = {k: v for k, v in flat.items() if k not in train}
+  if not train:
+    raise UsageError('the trainable rules select no parameter; check `trainable`')
+  return tu.unflatten_dict(train), tu.unflatten_dict(frozen)
+
+
+def merge(trainable: dict, frozen: dict) -> dict:
+  flat = tu.flatten_dict(frozen)
+  flat.update(tu.flatten_dict(trainable))
+  return tu.unflatten_dict(flat)
+
+
+def lowest_trained_layer(params: dict, rules: Rules, num_layers: int) -> int:
+  """Index of the lowest encoder layer with a trainable param (num_layers if none).
+
+  Nothing below it needs a gradient, so the encoder stops the backward pass there.
+  Embedding params that train count as layer 0.
+  """
+  lowest = num_layers
+  for k in tu.flatten_dict(params):
+    if k[0] != 'encoder' or not decide(rules, path_str(k)):
+      continue
+    if k[1] == 'embeddings':
+      return 0
+    if k[1].startswith('layer_'):
+      lowest = min(lowest, int(k[1].split('_')[1]))
+  return lowest
+
+
+def summary(params: dict, rules: Rules) -> dict[str, int | float]:
+  """Counts: total, base (non-adapter, non-head), adapter, head and trainable parameters."""
+  counts = {'total': 0, 'adapter': 0, 'head': 0, 'trainable': 0}
+  for k, v in tu.flatten_dict(params).items():
+    n = int(np.prod(np.shape(v)))
+    p = path_str(k)
+    counts['total'] += n
+    counts['adapter'] += n * ('_adapter/' in p)
+    counts['head'] += n * p.startswith('head/')
+    counts['trainable'] += n * decide(rules, p)
+  counts['base'] = counts['total'] - counts['adapter'] - counts['head']
+  counts['trainable_pct_of_base'] = 100.0 * counts['trainable'] / max(counts['base'], 1)
+  return counts
+
+
+def format_summary(counts: dict) -> str:
+  rows = [('base model', counts['base']), ('adapters', counts['adapter']),
+          ('task head', counts['head']), ('total', counts['total']),
+          ('trainable', counts['trainable'])]
+  lines = [f'  {name:<12} {n:>14,d}' for name, n in rows]
+  lines.append(f'  trainable = {counts["trainable_pct_of_base"]:.2f}% of the base model '
+               f'({100.0 * counts["trainable"] / max(counts["total"], 1):.2f}% of all params)')
+  return 'parameters:\n' + '\n'.join(lines)
