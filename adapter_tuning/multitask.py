@@ -1,0 +1,150 @@
+"""Many task adapters on one frozen base, routed per example inside one jitted pass.
+
+Every artifact's trained leaves (adapters, layer norms, head) are stacked along a task
+axis; each example gathers its own task's slice, and `jax.vmap` runs the model over
+examples with the frozen base unbatched. vmap turns a matmul with unbatched weights back
+into one ordinary matmul over the whole batch, so the base costs what it costs for a
+single task; only the small per-task pieces become batched (per-example) matmuls.
+
+Artifacts may differ in adapter size (smaller ones are zero-padded: the extra bottleneck
+units have zero weights in and out, so they contribute exactly nothing), placement or
+layers (absent adapters are zero, i.e. the identity), trainable rules (a leaf one task
+did not train takes the base's value) and head width (extra logits are masked).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+
+import flax.traverse_util as tu
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from adapter_tuning import artifact
+from adapter_tuning import trainable as trainable_lib
+from adapter_tuning.adapters import AdapterConfig
+from adapter_tuning.errors import UsageError
+from adapter_tuning.task_model import TaskModel
+
+
+@dataclasses.dataclass
+class LoadedTask:
+  name: str  # the data.task it was trained on, e.g. glue/sst2
+  head: str
+  label_names: tuple
+  num_outputs: int
+  directory: pathlib.Path
+  meta: dict
+
+
+def union_adapter(metas: list[dict]) -> AdapterConfig | None:
+  """One adapter geometry that holds every artifact's adapters exactly."""
+  configs = [AdapterConfig.from_any(m['adapter']) for m in metas if m.get('adapter')]
+  if not configs:
+    return None
+  activations = {c.activation for c in configs}
+  if len(activations) > 1:
+    raise UsageError(f'cannot serve adapters with different activations {sorted(activations)} '
+                     'in one pass; run them separately')
+  placement = 'houlsby' if any(c.placement == 'houlsby' for c in configs) else 'pfeiffer'
+  layers = None
+  if all(c.layers is not None for c in configs):
+    layers = tuple(sorted(set().union(*[c.layers for c in configs])))
+  return AdapterConfig(size=max(c.size for c in configs), placement=placement,
+                       activation=configs[0].activation, init_scale=0.0, layers=layers)
+
+
+def _pad_to(value: np.ndarray, shape: tuple) -> np.ndarray:
+  if value.shape == shape:
+    return value
+  if value.ndim != len(shape) or any(v > s for v, s in zip(value.shape, shape)):
+    raise UsageError(f'adapter tensor of shape {value.shape} does not fit {shape}')
+  out = np.zeros(shape, value.dtype)
+  out[tuple(slice(0, v) for v in value.shape)] = value
+  return out
+
+
+class MultiTaskModel:
+  """The frozen base plus K task artifacts; `predict` routes each example to its task."""
+
+  def __init__(self, adapter_dirs, base_path=None):
+    from adapter_tuning.pretrained import load_pretrained
+    loaded = [(pathlib.Path(d), *artifact.load(d)) for d in adapter_dirs]
+    if not loaded:
+      raise UsageError('no adapter given; pass --adapter DIR[,DIR...]')
+    metas = [m for _, m, _ in loaded]
+    names = [m['task'] for m in metas]
+    if len(set(names)) != len(names):
+      raise UsageError(f'two adapters were trained on the same task ({names}); load one per task')
+    base_path = base_path or metas[0]['base']['path']
+    adapter = union_adapter(metas)
+    self.pretrained = load_pretrained(base_path, adapter)
+    for d, meta, _ in loaded:
+      artifact.check_base(meta, self.pretrained.identity, str(d))
+    heads = {m['head'] for m in metas}
+    if 'span' in heads and len(metas) > 1:
+      raise UsageError('QA (span) adapters are served one at a time; pass it alone')
+    self.head = 'span' if 'span' in heads else 'classification'
+    self.max_outputs = max(m['num_outputs'] for m in metas)
+    self.tasks = [LoadedTask(m['task'], m['head'], tuple(m['label_names']), m['num_outputs'], d, m)
+                  for d, m, _ in loaded]
+    self.model = TaskModel(self.pretrained.config, adapter, self.head, self.max_outputs)
+    self._build_params([p for _, _, p in loaded])
+    self._forward = jax.jit(self._forward_impl)
+
+  def _build_params(self, trained: list[dict]):
+    hidden = self.pretrained.config.hidden_size
+    head_outputs = 2 if self.head == 'span' else self.max_outputs
+    base = {'encoder': self.pretrained.params,
+            'head': {'kernel': np.zeros((hidden, head_outputs), np.float32),
+                     'bias': np.zeros((head_outputs,), np.float32)}}
+    flat_base = tu.flatten_dict(base)
+    varying = set()
+    for p in trained:
+      for k in tu.flatten_dict(p):
+        if k not in flat_base:
+          raise UsageError(f'adapter weight {"/".join(k)} has no place in this model; '
+                           'was the artifact made for another architecture?')
+        varying.add(k)
+    stacked = {}
+    for k in sorted(varying):
+      rows = []
+      for p in trained:
+        value = tu.flatten_dict(p).get(k)
+        rows.append(flat_base[k] if value is None else _pad_to(np.asarray(value), flat_base[k].shape))
+      stacked[k] = np.stack(rows)
+    frozen = {k: v for k, v in flat_base.items() if k not in varying}
+    self.stacked = jax.device_put(tu.unflatten_dict(stacked))
+    self.frozen = jax.device_put(tu.unflatten_dict(frozen))
+    self.num_outputs = jnp.asarray([t.num_outputs for t in self.tasks], jnp.int32)
+
+  def _forward_impl(self, stacked, frozen, task_ids_B, ids_BxT, mask_BxT, types_BxT):
+    per_example = jax.tree.map(lambda x: x[task_ids_B], stacked)
+
+    def one(params, ids_T, mask_T, types_T):
+      full = trainable_lib.merge(params, frozen)
+      return self.model.apply({'params': full}, ids_T[None], mask_T[None], types_T[None])[0]
+
+    logits = jax.vmap(one)(per_example, ids_BxT, mask_BxT, types_BxT)
+    if self.head == 'span':
+      return logits
+    valid = jnp.arange(self.max_outputs)[None, :] < self.num_outputs[task_ids_B][:, None]
+    return jnp.where(valid, logits, -jnp.inf)
+
+  def task_index(self, name: str | None) -> int:
+    if name is None:
+      if len(self.tasks) == 1:
+        return 0
+      raise UsageError(f'input rows need a "task" when several adapters are loaded '
+                       f'({", ".join(t.name for t in self.tasks)})')
+    for i, t in enumerate(self.tasks):
+      if t.name == name:
+        return i
+    raise UsageError(f'no adapter for task {name!r}; loaded: {", ".join(t.name for t in self.tasks)}')
+
+  def logits(self, task_ids, batch) -> np.ndarray:
+    return np.asarray(self._forward(self.stacked, self.frozen, jnp.asarray(task_ids, jnp.int32),
+                                    batch['input_ids'], batch['attention_mask'],
+                                    batch['token_type_ids']))

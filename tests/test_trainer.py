@@ -1,0 +1,124 @@
+"""The whole loop: demo end to end, frozen params untouched, devices, resume, bad input."""
+
+import json
+import re
+import signal
+
+import flax.traverse_util as tu
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from helpers import final_eval, read_metrics, run_train, start_train, wait_for_step
+
+DEMO = ('--config', 'configs/demo.py')
+
+
+@pytest.fixture(scope='module')
+def demo_run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('demo')
+  result = run_train(*DEMO, '--workdir', workdir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir, result
+
+
+def test_demo_learns_and_reports(demo_run):
+  workdir, result = demo_run
+  assert final_eval(workdir)['eval/accuracy'] >= 0.9
+  assert 'trainable' in result.stdout and 'adapter artifact' in result.stdout
+  meta = json.loads((workdir / 'adapter' / 'config.json').read_text())
+  assert meta['label_names'] == ['negative', 'positive']
+  assert len(meta['base']['sha256']) == 64
+  assert (workdir / 'config.json').exists()
+  assert list((workdir / 'tensorboard').iterdir())
+  assert any('train/loss' in m for m in read_metrics(workdir))
+
+
+def test_artifact_holds_only_the_trainable_subtree(demo_run):
+  workdir, _ = demo_run
+  weights = load_file(str(workdir / 'adapter' / 'weights.safetensors'))
+  for key in weights:
+    assert '_adapter/' in key or 'layer_norm/' in key or key.startswith('head/'), key
+  assert any('_adapter/' in k for k in weights)
+  # The frozen base on disk is untouched by training (it is never written).
+  from adapter_tuning.pretrained import load_pretrained
+  base = load_pretrained(workdir / 'demo_base')
+  assert base.identity['sha256'] == json.loads(
+      (workdir / 'adapter' / 'config.json').read_text())['base']['sha256']
+
+
+def test_frozen_params_bit_identical_and_no_optimizer_state_for_them(minilm_dir):
+  import jax
+  import ml_collections
+  from adapter_tuning import steps, trainable
+  from adapter_tuning.optim import make_optimizer
+  from adapter_tuning.pretrained import load_pretrained
+  from adapter_tuning.task_model import TaskModel
+  from configs import common
+  config = common.get_config()
+  pre = load_pretrained(minilm_dir, adapter={'size': 8})
+  params = {'encoder': pre.params,
+            'head': {'kernel': np.zeros((384, 2), np.float32), 'bias': np.zeros(2, np.float32)}}
+  rules = trainable.resolve('adapters', 6)
+  train_p, frozen_p = trainable.split(params, rules)
+  frozen_before = jax.tree.map(np.array, frozen_p)
+  model = TaskModel(pre.config, pre.adapter, 'classification', 2)
+  tx = make_optimizer(config, 10)
+  state = steps.init_state(train_p, tx, 0)
+  # Optimizer state exists only for trainable leaves: Adam moments mirror the trainable tree.
+  n_train_leaves = len(jax.tree.leaves(train_p))
+  adam_leaves = [x for x in jax.tree.leaves(state['opt_state']) if np.ndim(x) > 0]
+  assert len(adam_leaves) == 2 * n_train_leaves
+  assert sum(x.size for x in adam_leaves) == 2 * sum(x.size for x in jax.tree.leaves(train_p))
+  batch = pre.tokenizer.pad(*pre.tokenizer.tokenize(['good film', 'bad film'] * 2))
+  batch['labels'] = np.array([1, 0, 1, 0], np.int32)
+  step = jax.jit(steps.make_train_step(model, tx, 'classification'))
+  for _ in range(3):
+    state, metrics = step(state, frozen_p, batch)
+  assert bool(metrics['finite'])
+  jax.tree.map(np.testing.assert_array_equal, frozen_p, frozen_before)
+  moved = jax.tree.map(lambda a, b: not np.array_equal(a, b), state['params'], train_p)
+  assert any(jax.tree.leaves(moved))
+
+
+def test_eight_devices_match_one_device(tmp_path):
+  args = (*DEMO, '--config.num_train_steps=6', '--config.log_every_steps=2',
+          '--config.batch_size=16', '--config.data.max_train_examples=256')
+  one = run_train(*args, '--workdir', tmp_path / 'one', devices=1)
+  assert one.returncode == 0, one.stderr[-3000:]
+  eight = run_train(*args, '--workdir', tmp_path / 'eight', devices=8)
+  assert eight.returncode == 0, eight.stderr[-3000:]
+  assert '8 cpu device(s)' in eight.stdout
+  a = load_file(str(tmp_path / 'one' / 'adapter' / 'weights.safetensors'))
+  b = load_file(str(tmp_path / 'eight' / 'adapter' / 'weights.safetensors'))
+  assert a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_allclose(a[k], b[k], atol=1e-5, rtol=0, err_msg=k)
+  la = [m['train/loss'] for m in read_metrics(tmp_path / 'one') if 'train/loss' in m]
+  lb = [m['train/loss'] for m in read_metrics(tmp_path / 'eight') if 'train/loss' in m]
+  np.testing.assert_allclose(la, lb, atol=1e-5)
+
+
+def test_sigterm_checkpoints_and_rerun_resumes_exactly(tmp_path):
+  """Pre-emption: SIGTERM mid-run saves a checkpoint; rerunning finishes bit-identically."""
+  args = (*DEMO, '--config.num_train_steps=40', '--config.checkpoint_every_steps=1000',
+          '--config.log_every_steps=2', '--config.data.max_train_examples=512')
+  full = run_train(*args, '--workdir', tmp_path / 'full')
+  assert full.returncode == 0, full.stderr[-3000:]
+  part = tmp_path / 'part'
+  proc = start_train(*args, '--workdir', part)
+  wait_for_step(part, 6, proc)
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err[-3000:]
+  assert 'received SIGTERM' in out
+  assert not (part / 'adapter').exists()
+  resumed = run_train(*args, '--workdir', part)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  step = int(re.search(r'resumed from the checkpoint at step (\d+)', resumed.stdout).group(1))
+  assert 6 <= step < 40
+  a = load_file(str(tmp_path / 'full' / 'adapter' / 'weights.safetensors'))
+  b = load_file(str(part / 'adapter' / 'weights.safetensors'))
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+  assert final_eval(tmp_path / 'full')['eval/accuracy'] == final_eval(part)['eval/accuracy']
