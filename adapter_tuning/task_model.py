@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from adapter_tuning.adapters import AdapterConfig
-from adapter_tuning.modeling import Encoder, ModelConfig
+from adapter_tuning.modeling import Dropout, Encoder, ModelConfig
 
 HEAD_KINDS = ('classification', 'regression', 'span')
 
@@ -35,11 +35,11 @@ class TaskModel(nn.Module):
     enc = Encoder(self.config, self.adapter, self.dtype, self.remat, self.frozen_below,
                   name='encoder')(input_ids_BxT, attention_mask_BxT, token_type_ids_BxT,
                                   deterministic)
-    drop = nn.Dropout(self.config.hidden_dropout)
+    drop = Dropout(self.config.hidden_dropout)
     init = nn.initializers.normal(0.02)
     if self.head == 'span':
-      x_BxTxD = drop(enc['last_hidden_state'], deterministic=deterministic)
+      x_BxTxD = drop(enc['last_hidden_state'], deterministic)
       logits = nn.Dense(2, kernel_init=init, name='head')(x_BxTxD.astype(jnp.float32))
       return logits
-    x_BxD = drop(enc['pooled'], deterministic=deterministic)
+    x_BxD = drop(enc['pooled'], deterministic)
     return nn.Dense(self.num_outputs, kernel_init=init, name='head')(x_BxD.astype(jnp.float32))
