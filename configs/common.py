@@ -43,6 +43,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.doc_stride = 128            # squad: stride between context windows
   c.data.max_query_length = 64       # squad: question tokens kept
   c.data.max_answer_length = 30      # squad: longest answer span considered at eval
+  c.data.holdout_articles = 0.0      # squad_json with train_file == eval_file: fraction of articles held out for eval
 
   c.batch_size = 32                  # global batch (all devices, all processes)
   c.eval_batch_size = 64             # global eval batch
