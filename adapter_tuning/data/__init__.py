@@ -1,0 +1,1 @@
+"""Readers that turn data sources into raw examples (no tokenisation here)."""
