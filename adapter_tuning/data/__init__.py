@@ -1,1 +1,1 @@
-"""Readers that turn data sources into raw examples (no tokenisation here)."""
+"""Data sources -> raw examples (GLUE, text files) and tokenized examples -> fixed-shape batches."""
