@@ -29,6 +29,8 @@ FILLERS = tuple(
     'director actor actress camera pace tone dialogue humor drama comedy thriller score light '
     'dark long short old new first last whole part overall simply mostly partly again still '
     'yet also even'.split())
+INIT_STD = 0.02  # BERT's initialiser
+OPINION_SHIFT = 3.0  # in units of INIT_STD
 SPLIT_SIZES = {'train': 2048, 'validation': 512}
 SPLIT_SEEDS = {'train': 1, 'validation': 2}
 
@@ -74,11 +76,21 @@ def ensure_checkpoint(directory: pathlib.Path, seed: int = 1234) -> pathlib.Path
   ids = np.zeros((1, 8), np.int32)
   params = model.init(jax.random.PRNGKey(seed), ids, np.ones_like(ids), ids)['params']
   params = jax.tree.map(lambda x: np.asarray(x) * 1.0, params)
-  # BERT's initialiser: N(0, 0.02) for weights, so the random base is BERT-like.
+  # BERT's initialiser, N(0, 0.02), for every weight: the base is random...
   rng = np.random.default_rng(seed)
   params = jax.tree_util.tree_map_with_path(
       lambda p, x: x if 'layer_norm' in str(p) or 'bias' in str(p)
-      else (0.02 * rng.standard_normal(x.shape)).astype(np.float32), params)
+      else (INIT_STD * rng.standard_normal(x.shape)).astype(np.float32), params)
+  # ...except for the one thing pretraining is known to give word embeddings: opinion
+  # words of one polarity share a direction. Whether the sentence holds such a word must
+  # still be carried to [CLS] through frozen random layers: that is the adapters' job.
+  direction = rng.standard_normal(GEOMETRY['hidden_size']).astype(np.float32)
+  direction *= OPINION_SHIFT * INIT_STD / np.sqrt(np.mean(direction ** 2))
+  table = params['embeddings']['word_embeddings']['embedding']
+  for word in POSITIVE:
+    table[vocab.index(word)] += direction
+  for word in NEGATIVE:
+    table[vocab.index(word)] -= direction
   tmp = directory / 'model.safetensors.tmp'
   save_file(hf_checkpoint.export_encoder_state(params), str(tmp))
   tmp.rename(directory / 'model.safetensors')

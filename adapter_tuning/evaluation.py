@@ -40,14 +40,14 @@ class Results:
           f.write(json.dumps(row) + '\n')
 
 
-def run_split(eval_step, params, split, batch_size, boundaries, shard):
+def run_split(eval_step, params, split, batch_size, boundaries, shard, pad_id=0):
   """Runs eval_step over a split; returns {output name: [N, ...] host arrays} in split order."""
   labels = np.zeros(len(split), np.int32)
   outputs: dict[str, list] = {}
   indices = []
   mine = parallel.local_rows(batch_size)
   for batch in batching.eval_batches(split.input_ids, split.token_type_ids, labels, batch_size,
-                                     boundaries):
+                                     boundaries, pad_id=pad_id):
     index, mask = batch.pop('index'), batch.pop('mask')
     batch.pop('labels')
     local = {k: v[mine] for k, v in batch.items()}
@@ -65,11 +65,12 @@ def run_split(eval_step, params, split, batch_size, boundaries, shard):
   return result
 
 
-def evaluate_all(eval_step, params, data, config, boundaries, shard) -> Results:
+def evaluate_all(eval_step, params, data, config, boundaries, shard, pad_id=0) -> Results:
   from adapter_tuning import metrics as metrics_lib
   metrics, predictions = {}, {}
   for i, (name, split) in enumerate(data.evals.items()):
-    out = run_split(eval_step, params, split, config.eval_batch_size, boundaries, shard)
+    out = run_split(eval_step, params, split, config.eval_batch_size, boundaries, shard,
+                    pad_id)
     prefix = 'eval/' if i == 0 else f'eval/{name}/'
     if data.head == 'span':
       from adapter_tuning import qa_data

@@ -199,7 +199,8 @@ def train_and_evaluate(config, workdir, overwrite: bool = False) -> dict:
 
   def evaluate(params_dev, at_step):
     full = jax.jit(trainable_lib.merge)(params_dev, frozen_dev)
-    results = evaluation.evaluate_all(eval_step, full, data, config, boundaries, shard)
+    results = evaluation.evaluate_all(eval_step, full, data, config, boundaries, shard,
+                                         setup.pretrained.tokenizer.pad_id)
     reporter.write(at_step, results.metrics)
     reporter.log(f'eval at step {at_step}: ' + ', '.join(
         f'{k.split("/", 1)[1]} {v:.4f}' for k, v in results.metrics.items()))
@@ -221,7 +222,7 @@ def train_and_evaluate(config, workdir, overwrite: bool = False) -> dict:
           data.train.input_ids, data.train.token_type_ids, train_labels, config.batch_size,
           seed=config.seed, epoch=epoch, boundaries=boundaries,
           process_index=jax.process_index(), process_count=jax.process_count(),
-          start_batch=start_batch):
+          start_batch=start_batch, pad_id=setup.pretrained.tokenizer.pad_id):
         batch = parallel.to_global(_with_label_keys(local, data.head), shard)
         state, metrics = train_step(state, frozen_dev, batch)
         if last_metrics is not None:  # fetch one step late: the device keeps running
