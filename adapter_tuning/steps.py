@@ -53,7 +53,7 @@ def make_train_step(model, tx, head: str):
   def train_step(state, frozen, batch):
     rng = jax.random.fold_in(state['rng'], state['step'])
     loss, grads = jax.value_and_grad(loss_fn)(state['params'], frozen, batch, rng)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     new_state = {'step': state['step'] + 1,
