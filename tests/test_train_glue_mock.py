@@ -1,0 +1,46 @@
+"""The whole loop on mock TFDS GLUE data, one task of each kind (the real builders' features)."""
+
+import json
+
+import pytest
+import tensorflow_datasets as tfds
+
+from adapter_tuning import demo
+from adapter_tuning.trainer import train_and_evaluate
+from configs import common
+
+
+@pytest.fixture(scope='module')
+def tiny_base(tmp_path_factory):
+  return demo.ensure_checkpoint(tmp_path_factory.mktemp('base') / 'tiny')
+
+
+@pytest.mark.parametrize('task,keys', [
+    ('glue/sst2', ['eval/accuracy']),                           # single sentence
+    ('glue/rte', ['eval/accuracy']),                            # sentence pair
+    ('glue/stsb', ['eval/pearson', 'eval/spearman']),           # regression
+    ('glue/mnli', ['eval/accuracy', 'eval/validation_mismatched/accuracy']),  # two eval splits
+    ('glue/mrpc', ['eval/f1', 'eval/accuracy']),
+])
+def test_whole_loop_on_mock_tfds(tmp_path, tiny_base, task, keys):
+  import tensorflow_datasets.text  # noqa: F401  registers the glue builder without TF
+  config = common.get_config()
+  config.model.checkpoint = str(tiny_base)
+  config.model.adapter.size = 8
+  config.data.task = task
+  config.data.source = 'tfds'
+  config.data.max_seq_length = 32
+  config.batch_size = 8
+  config.eval_batch_size = 16
+  config.num_train_steps = 6
+  config.log_every_steps = 3
+  config.progress_bar = False
+  with tfds.testing.mock_data(num_examples=40):
+    metrics = train_and_evaluate(config, tmp_path)
+  for key in keys:
+    assert key in metrics, metrics
+    assert metrics[key] == metrics[key]  # not NaN
+  meta = json.loads((tmp_path / 'adapter' / 'config.json').read_text())
+  assert meta['task'] == task
+  assert meta['head'] == ('regression' if task == 'glue/stsb' else 'classification')
+  assert (tmp_path / 'metrics.jsonl').exists()
