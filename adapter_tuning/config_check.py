@@ -62,3 +62,16 @@ def validate(config: ml_collections.ConfigDict):
   for ok, message in checks:
     if not ok:
       raise UsageError(message)
+  _check_task(config.data)
+
+
+def _check_task(data):
+  """Fails on a bad task/source before anything slow (checkpoint, tokenisation) happens."""
+  from adapter_tuning.data.glue import get_task
+  from adapter_tuning.task_data import SOURCES
+  if data.source not in SOURCES:
+    raise UsageError(f'unknown data.source {data.source!r}; use one of {", ".join(SOURCES)}')
+  if data.task.startswith('glue/'):
+    get_task(data.task)
+  elif data.task not in ('squad', 'text', 'demo'):
+    raise UsageError(f'unknown data.task {data.task!r}; use glue/<task>, squad, text or demo')
