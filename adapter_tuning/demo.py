@@ -14,7 +14,9 @@ learn to find the opinion word.
 from __future__ import annotations
 
 import json
+import os
 import pathlib
+import shutil
 
 import numpy as np
 
@@ -62,6 +64,9 @@ def ensure_checkpoint(directory: pathlib.Path, seed: int = 1234) -> pathlib.Path
   from adapter_tuning import hf_checkpoint
   from adapter_tuning.modeling import Encoder
 
+  final = directory
+  # Build in a private folder and rename: several processes may race to create it.
+  directory = final.with_name(f'{final.name}.tmp{os.getpid()}')
   directory.mkdir(parents=True, exist_ok=True)
   vocab = ['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]'] + sorted(
       set(POSITIVE + NEGATIVE + FILLERS))
@@ -91,7 +96,9 @@ def ensure_checkpoint(directory: pathlib.Path, seed: int = 1234) -> pathlib.Path
     table[vocab.index(word)] += direction
   for word in NEGATIVE:
     table[vocab.index(word)] -= direction
-  tmp = directory / 'model.safetensors.tmp'
-  save_file(hf_checkpoint.export_encoder_state(params), str(tmp))
-  tmp.rename(directory / 'model.safetensors')
-  return directory
+  save_file(hf_checkpoint.export_encoder_state(params), str(directory / 'model.safetensors'))
+  try:
+    directory.rename(final)
+  except OSError:  # another process finished first: theirs is identical
+    shutil.rmtree(directory, ignore_errors=True)
+  return final
