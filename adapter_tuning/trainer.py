@@ -238,9 +238,16 @@ def train_and_evaluate(config, workdir, overwrite: bool = False) -> dict:
                                 float(_lr(config, total_steps, step)), **rate})
           reporter.progress(step, loss, rate.get('train/steps_per_s'))
           window_losses = []
-        if config.eval_every_steps and step % config.eval_every_steps == 0 and step < total_steps:
+        do_eval = (config.eval_every_steps and step % config.eval_every_steps == 0
+                   and step < total_steps)
+        do_save = step % config.checkpoint_every_steps == 0 or preempted.flag
+        if (do_eval or do_save) and last_metrics is not None:
+          # Never evaluate or checkpoint a state whose last step has not been checked.
+          window_losses.append(_check_finite(last_metrics, step, ckpt))
+          last_metrics = None
+        if do_eval:
           evaluate(state['params'], step)
-        if step % config.checkpoint_every_steps == 0 or preempted.flag:
+        if do_save:
           save(step)
         if preempted.flag:
           ckpt.close()
