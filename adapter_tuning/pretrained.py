@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from adapter_tuning import hf_checkpoint
-from adapter_tuning.adapters import AdapterConfig
+from adapter_tuning.adapters import Adapter, AdapterConfig
 from adapter_tuning.errors import UsageError
 from adapter_tuning.modeling import Encoder, ModelConfig
 from adapter_tuning.tokenization import Tokenizer, load_tokenizer
@@ -96,7 +96,27 @@ def load_pretrained(path_or_name, adapter=None, *, dtype=jnp.float32, remat: boo
 
 
 def init_params(model: Encoder, seed: int) -> dict:
-  """Fresh params (adapters included); base weights are overwritten by the checkpoint."""
+  """Fresh params: adapters from their own module's initialiser, the rest zeros.
+
+  Base weights are overwritten by the checkpoint, so only shapes are needed for them
+  (`eval_shape`, no compile). Initialising each adapter eagerly on its own costs a few
+  milliseconds, where jit-compiling the whole model's init cost several seconds at start-up.
+  A pooler that the checkpoint lacks keeps a BERT-style random init.
+  """
   ids = jnp.zeros((1, 8), jnp.int32)
-  variables = jax.jit(model.init)(jax.random.PRNGKey(seed), ids, jnp.ones_like(ids), ids)
-  return jax.tree.map(np.asarray, variables['params'])
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(seed), ids, ids, ids)['params']
+  flat = {k: np.zeros(v.shape, v.dtype) for k, v in tu.flatten_dict(shapes).items()}
+  params = tu.unflatten_dict(flat)
+  key = jax.random.PRNGKey(seed)
+  a = model.adapter
+  hidden = model.config.hidden_size
+  for i in range(model.config.num_layers):
+    for j, site in enumerate(('attention', 'ffn')):
+      if a is not None and a.has_adapter(i, site):
+        module = Adapter(a.size, a.activation, a.init_scale)
+        init = module.init(jax.random.fold_in(key, 2 * i + j), jnp.zeros((1, 1, hidden)))
+        params[f'layer_{i}'][f'{site}_adapter'] = jax.tree.map(np.asarray, init['params'])
+  pooler_key = jax.random.fold_in(key, 10_000)
+  params['pooler']['kernel'] = np.asarray(
+      0.02 * jax.random.normal(pooler_key, params['pooler']['kernel'].shape))
+  return params
