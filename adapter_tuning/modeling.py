@@ -168,15 +168,16 @@ class Encoder(nn.Module):
 
   Attributes:
     remat: rematerialise each layer in the backward pass (less memory, ~1/3 more compute).
-    frozen_below: layers below this index have no trainable parameters, so no gradient
-      needs to flow into them: the input of layer `frozen_below` is a stop-gradient.
+
+  No stop-gradient is needed below the lowest trained layer: JAX's transpose computes
+  cotangents only on paths that lead to differentiated (trainable) inputs, so the backward
+  pass already ends there (tests/test_step_equivalence.py checks it in the compiled FLOPs).
   """
 
   config: ModelConfig
   adapter: Optional[AdapterConfig] = None
   dtype: jnp.dtype = jnp.float32
   remat: bool = False
-  frozen_below: int = 0
 
   @nn.compact
   def __call__(self, input_ids_BxT, attention_mask_BxT, token_type_ids_BxT=None,
@@ -189,8 +190,6 @@ class Encoder(nn.Module):
         input_ids_BxT, token_type_ids_BxT, deterministic)
     layer_cls = nn.remat(TransformerLayer, static_argnums=(3,)) if self.remat else TransformerLayer
     for i in range(cfg.num_layers):
-      if i == self.frozen_below and i > 0:
-        x_BxTxD = jax.lax.stop_gradient(x_BxTxD)
       x_BxTxD = layer_cls(cfg, self.adapter, i, self.dtype, name=f'layer_{i}')(
           x_BxTxD, mask_BxT, deterministic)
     pooled_BxD = jnp.tanh(nn.Dense(cfg.hidden_size, dtype=self.dtype, name='pooler')(

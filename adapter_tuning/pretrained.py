@@ -62,8 +62,8 @@ class Pretrained:
             'pooled': np.asarray(out['pooled'])}
 
 
-def load_pretrained(path_or_name, adapter=None, *, dtype=jnp.float32, remat: bool = False,
-                    frozen_below: int = 0) -> Pretrained:
+def load_pretrained(path_or_name, adapter=None, *, dtype=jnp.float32,
+                    remat: bool = False) -> Pretrained:
   """Loads a Hugging Face BERT/RoBERTa checkpoint into Flax, adding fresh adapters.
 
   Args:
@@ -72,14 +72,13 @@ def load_pretrained(path_or_name, adapter=None, *, dtype=jnp.float32, remat: boo
       with keys size, placement, activation, init_scale, layers, seed.
     dtype: compute dtype of the encoder (params stay float32).
     remat: rematerialise layers in the backward pass.
-    frozen_below: see `Encoder.frozen_below`.
   """
   directory = hf_checkpoint.resolve_checkpoint(path_or_name)
   config = hf_checkpoint.read_model_config(directory)
   adapter = AdapterConfig.from_any(adapter)
   if adapter is not None:
     adapter.check_layers(config.num_layers)
-  model = Encoder(config, adapter, dtype=dtype, remat=remat, frozen_below=frozen_below)
+  model = Encoder(config, adapter, dtype=dtype, remat=remat)
   tokenizer = load_tokenizer(directory, config.family, config.pad_token_id)
   state = hf_checkpoint.load_state_dict(directory)
   params = init_params(model, adapter.seed if adapter else 0)

@@ -27,12 +27,11 @@ class TaskModel(nn.Module):
   num_outputs: int
   dtype: jnp.dtype = jnp.float32
   remat: bool = False
-  frozen_below: int = 0
 
   @nn.compact
   def __call__(self, input_ids_BxT, attention_mask_BxT, token_type_ids_BxT=None,
                deterministic: bool = True):
-    enc = Encoder(self.config, self.adapter, self.dtype, self.remat, self.frozen_below,
+    enc = Encoder(self.config, self.adapter, self.dtype, self.remat,
                   name='encoder')(input_ids_BxT, attention_mask_BxT, token_type_ids_BxT,
                                   deterministic)
     drop = Dropout(self.config.hidden_dropout)

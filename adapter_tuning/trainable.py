@@ -105,23 +105,6 @@ def merge(trainable: dict, frozen: dict) -> dict:
   return tu.unflatten_dict(flat)
 
 
-def lowest_trained_layer(params: dict, rules: Rules, num_layers: int) -> int:
-  """Index of the lowest encoder layer with a trainable param (num_layers if none).
-
-  Nothing below it needs a gradient, so the encoder stops the backward pass there.
-  Embedding params that train count as layer 0.
-  """
-  lowest = num_layers
-  for k in tu.flatten_dict(params):
-    if k[0] != 'encoder' or not decide(rules, path_str(k)):
-      continue
-    if k[1] == 'embeddings':
-      return 0
-    if k[1].startswith('layer_'):
-      lowest = min(lowest, int(k[1].split('_')[1]))
-  return lowest
-
-
 def summary(params: dict, rules: Rules) -> dict[str, int | float]:
   """Counts: total, base (non-adapter, non-head), adapter, head and trainable parameters."""
   counts = {'total': 0, 'adapter': 0, 'head': 0, 'trainable': 0}

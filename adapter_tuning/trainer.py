@@ -77,9 +77,8 @@ def build(config, workdir: pathlib.Path, with_train: bool = True) -> Setup:
           'bias': np.zeros((data.num_outputs,), np.float32)}
   params = {'encoder': pre.params, 'head': head}
   rules = trainable_lib.resolve(config.trainable, pre.config.num_layers)
-  frozen_below = trainable_lib.lowest_trained_layer(params, rules, pre.config.num_layers)
   model = TaskModel(pre.config, adapter, data.head, data.num_outputs, dtype=dtype,
-                    remat=config.model.remat, frozen_below=frozen_below)
+                    remat=config.model.remat)
   return Setup(model, params, rules, pre, data, adapter)
 
 

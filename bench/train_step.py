@@ -86,9 +86,7 @@ def build(args):
   else:
     params['head'] = {'kernel': np.zeros((config.hidden_size, 2), np.float32),
                       'bias': np.zeros((2,), np.float32)}
-  frozen_below = tl.lowest_trained_layer(params, rules, config.num_layers)
-  model = TaskModel(config, adapter, 'classification', 2, dtype=dtype, remat=args.remat,
-                    frozen_below=frozen_below)
+  model = TaskModel(config, adapter, 'classification', 2, dtype=dtype, remat=args.remat)
   return model, params, rules, config, tu
 
 

@@ -79,12 +79,6 @@ def test_split_merge_roundtrip_and_summary():
   assert 'trainable' in tl.format_summary(counts)
 
 
-def test_lowest_trained_layer():
-  assert tl.lowest_trained_layer(PARAMS, tl.resolve('adapters', 2), 2) == 0  # embedding LN
-  assert tl.lowest_trained_layer(PARAMS, tl.resolve('top:1', 2), 2) == 1
-  assert tl.lowest_trained_layer(PARAMS, tl.resolve('head', 2), 2) == 2
-
-
 def test_weight_decay_skips_layer_norms_and_biases():
   import flax.traverse_util as tu
   flat = tu.flatten_dict(decay_mask(PARAMS))

@@ -1,0 +1,287 @@
+"""python -m adapter_tuning.export: share adapters with AdapterHub (`adapters` 1.3), both ways.
+
+Export an artifact (the adapter/ folder of a training run) as an AdapterHub adapter + head:
+
+  python -m adapter_tuning.export --adapter runs/sst2/adapter --format adapterhub \\
+      --output sst2_ah [--name sst2] [--base BASE_DIR] [--overwrite]
+
+OUT then holds what `model.save_adapter(OUT, name, with_head=True)` writes --
+adapter_config.json, pytorch_adapter.bin, head_config.json, pytorch_model_head.bin (plus
+adapter.safetensors / model_head.safetensors for `use_safetensors=True`) -- and, when the
+artifact trained LayerNorms (the `adapters` preset does), layer_norms.safetensors with one
+documented extra step, spelled out in OUT/README.md:
+
+  model = adapters.AutoAdapterModel.from_pretrained(BASE)
+  model.set_active_adapters(model.load_adapter(OUT))
+  model.base_model.load_state_dict(safetensors.torch.load_file(OUT + '/layer_norms.safetensors'),
+                                   strict=False)
+
+AdapterHub adapters cannot carry the base LayerNorms (see adapterhub.py), hence the file.
+
+Import an AdapterHub Houlsby (DoubleSeqBnConfig) or Pfeiffer (SeqBnConfig with
+original_ln_before=False) adapter saved with its head, as an artifact that
+`adapter_tuning.predict` serves:
+
+  python -m adapter_tuning.export --adapter AH_DIR --format adapterhub --to_artifact \\
+      --base BASE_DIR --output OUT_ARTIFACT [--name TASK] [--max_seq_length N]
+
+Flags may be spelled with dashes too (--to-artifact). Anything the other side cannot
+compute exactly is refused with a one-line reason (exit 2): a base that is not BERT/RoBERTa,
+an adapter placement or option the other side lacks (e.g. SeqBnConfig's default
+original_ln_before=True), params trained outside adapters/LayerNorms/head/pooler, an
+existing --output without --overwrite.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import re
+import shutil
+import sys
+
+import numpy as np
+from absl import flags
+
+# Own FlagValues: predict.py defines flags of the same names on the global FLAGS.
+FLAGS = flags.FlagValues()
+flags.DEFINE_string('adapter', None, 'Artifact folder (export) or AdapterHub adapter folder '
+                    '(with --to_artifact).', flag_values=FLAGS)
+flags.DEFINE_enum('format', None, ['adapterhub'], 'Foreign format.', flag_values=FLAGS)
+flags.DEFINE_string('output', None, 'Folder to write (must not exist unless --overwrite).',
+                    flag_values=FLAGS)
+flags.DEFINE_bool('to_artifact', False, 'Import --adapter (AdapterHub) into an artifact.',
+                  flag_values=FLAGS)
+flags.DEFINE_string('base', None, 'Base checkpoint; export: default = the one the artifact '
+                    'records; import: required.', flag_values=FLAGS)
+flags.DEFINE_string('name', None, 'Export: the AdapterHub adapter/head name (default: the task, '
+                    'e.g. glue_sst2). Import: the artifact task name (default: the task our export '
+                    'recorded, else the AdapterHub adapter name).', flag_values=FLAGS)
+flags.DEFINE_integer('max_seq_length', 0, 'Import: max_seq_length recorded in the artifact '
+                     '(0 = what our export recorded, else 128 or the base maximum if smaller).', flag_values=FLAGS)
+flags.DEFINE_bool('overwrite', False, 'Replace --output if it exists.', flag_values=FLAGS)
+flags.DEFINE_bool('verbose', False, 'Show tracebacks for errors.', flag_values=FLAGS)
+
+
+def _base_dir(path_or_name: str, hint: str) -> pathlib.Path:
+  from adapter_tuning import hf_checkpoint
+  from adapter_tuning.errors import UsageError
+  try:
+    return hf_checkpoint.resolve_checkpoint(path_or_name)
+  except UsageError as e:
+    raise UsageError(f'{e}; {hint}') from None
+
+
+def _weight_keys(directory: pathlib.Path) -> set:
+  from adapter_tuning import hf_checkpoint
+  keys = set()
+  for f in hf_checkpoint.weight_files(directory):
+    if f.suffix == '.safetensors':
+      from safetensors import safe_open
+      with safe_open(str(f), 'np') as fh:
+        keys.update(fh.keys())
+    else:
+      keys.update(hf_checkpoint.load_state_dict(directory))
+  return keys
+
+
+def _check_output(out: pathlib.Path, overwrite: bool):
+  from adapter_tuning.errors import UsageError
+  if out.exists() and not overwrite:
+    raise UsageError(f'--output {out} exists; pass --overwrite to replace it or choose another')
+
+
+def _replace_dir(tmp: pathlib.Path, out: pathlib.Path):
+  if out.exists():
+    old = out.with_name(out.name + '.old')
+    shutil.rmtree(old, ignore_errors=True)
+    out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old)
+  else:
+    tmp.rename(out)
+
+
+def write_adapterhub(files, out: pathlib.Path):
+  """Writes AdapterHubFiles the way save_adapter does (.bin when torch is available)."""
+  from safetensors.numpy import save_file
+
+  from adapter_tuning import adapterhub as ah
+  tmp = out.with_name(out.name + '.tmp')
+  shutil.rmtree(tmp, ignore_errors=True)
+  tmp.mkdir(parents=True)
+  try:
+    import torch
+  except ImportError:
+    torch = None
+  for config_name, weight_names, config, state in (
+      (ah.ADAPTER_CONFIG, ah.ADAPTER_WEIGHTS, files.adapter_config, files.adapter_state),
+      (ah.HEAD_CONFIG, ah.HEAD_WEIGHTS, files.head_config, files.head_state)):
+    (tmp / config_name).write_text(json.dumps(config, indent=2, sort_keys=True))
+    state = {k: np.ascontiguousarray(v, np.float32) for k, v in state.items()}
+    save_file(state, str(tmp / weight_names[0]))
+    if torch is not None:
+      torch.save({k: torch.from_numpy(v.copy()) for k, v in state.items()}, tmp / weight_names[1])
+  if files.layer_norm_state:
+    save_file({k: np.ascontiguousarray(v, np.float32) for k, v in files.layer_norm_state.items()},
+              str(tmp / ah.LAYER_NORMS))
+  (tmp / 'README.md').write_text(ah.readme(files))
+  _replace_dir(tmp, out)
+  return torch is not None
+
+
+def read_adapterhub(directory: pathlib.Path):
+  """AdapterHubFiles from a folder written by save_adapter (safetensors preferred)."""
+  from adapter_tuning import adapterhub as ah
+  from adapter_tuning import hf_checkpoint
+  from adapter_tuning.errors import UsageError
+
+  def load(names):
+    for n in names:
+      path = directory / n
+      if path.exists():
+        if path.suffix == '.safetensors':
+          return hf_checkpoint._load_safetensors(path)  # pylint: disable=protected-access
+        return hf_checkpoint._load_torch_bin(path)  # pylint: disable=protected-access
+    return None
+
+  def config(name):
+    path = directory / name
+    if not path.exists():
+      return None
+    try:
+      return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+      raise UsageError(f'{path} is not valid JSON ({e})') from None
+
+  if not directory.is_dir():
+    raise UsageError(f'--adapter {directory} is not a folder')
+  adapter_config, adapter_state = config(ah.ADAPTER_CONFIG), load(ah.ADAPTER_WEIGHTS)
+  if adapter_config is None or adapter_state is None:
+    raise UsageError(f'{directory} is not an AdapterHub adapter: it needs {ah.ADAPTER_CONFIG} and '
+                     f'{" or ".join(ah.ADAPTER_WEIGHTS)} (model.save_adapter writes them)')
+  ln = load((ah.LAYER_NORMS,))
+  return ah.AdapterHubFiles(adapter_config, adapter_state, config(ah.HEAD_CONFIG),
+                            load(ah.HEAD_WEIGHTS), ln)
+
+
+def export_artifact(artifact_dir: pathlib.Path, out: pathlib.Path, name: str | None = None,
+                    base: str | None = None, overwrite: bool = False) -> str:
+  """Artifact -> AdapterHub folder; returns a one-paragraph summary."""
+  from adapter_tuning import adapterhub as ah
+  from adapter_tuning import artifact, hf_checkpoint
+  from adapter_tuning.errors import UsageError
+  _check_output(out, overwrite)
+  meta, params = artifact.load(artifact_dir)
+  recorded = (meta.get('base') or {}).get('path')
+  if not base and not recorded:
+    raise UsageError('the artifact records no base path; pass --base')
+  base_dir = _base_dir(base or recorded, 'pass --base with the checkpoint the adapter was '
+                       'trained on')
+  config = hf_checkpoint.read_model_config(base_dir)
+  artifact.check_base(meta, hf_checkpoint.checkpoint_identity(base_dir), str(artifact_dir))
+  name = name or re.sub(r'[^A-Za-z0-9_\-]', '_', str(meta.get('task') or 'adapter'))
+  files = ah.to_adapterhub(params, meta, config, name, base_dir.name)
+  head_config = files.head_config['config']
+  if head_config.get('use_pooler') and 'pooler.dense.weight' not in {
+      re.sub(r'^(bert|roberta)\.', '', k) for k in _weight_keys(base_dir)}:
+    raise UsageError(f'base {base_dir} has no pooler weights: AdapterHub would initialise the '
+                     'pooler its head reads at random; use a base saved with its pooler')
+  wrote_bin = write_adapterhub(files, out)
+  parts = [f'wrote AdapterHub adapter {name!r} + {head_config["head_type"]} head to {out}']
+  if not wrote_bin:
+    parts.append('(torch not installed: safetensors only; load with use_safetensors=True)')
+  if files.layer_norm_state:
+    parts.append(f'; trained LayerNorms in {ah.LAYER_NORMS}: load them with '
+                 'model.base_model.load_state_dict(..., strict=False), see README.md')
+  return ' '.join(parts)
+
+
+def import_adapterhub(ah_dir: pathlib.Path, base: str, out: pathlib.Path,
+                      name: str | None = None, max_seq_length: int = 0,
+                      overwrite: bool = False) -> str:
+  """AdapterHub folder -> artifact on `base`; returns a one-line summary."""
+  import dataclasses
+
+  from adapter_tuning import adapterhub as ah
+  from adapter_tuning import artifact, hf_checkpoint
+  from adapter_tuning.errors import UsageError
+  if not base:
+    raise UsageError('--to_artifact needs --base: the checkpoint the AdapterHub adapter was '
+                     'trained on')
+  _check_output(out, overwrite)
+  base_dir = _base_dir(base, 'pass --base with a local Hugging Face checkpoint directory')
+  config = hf_checkpoint.read_model_config(base_dir)
+  files = read_adapterhub(ah_dir)
+  imported = ah.from_adapterhub(files, config)
+  identity = hf_checkpoint.checkpoint_identity(base_dir)
+  recorded = (imported.origin.get('base') or {}).get('sha256')
+  if recorded and recorded != identity['sha256']:
+    raise UsageError(f'{ah_dir} was exported from an adapter trained on base '
+                     f'{imported.origin["base"].get("name")!r} (sha256 {recorded[:12]}...), not '
+                     f'{base_dir} (sha256 {identity["sha256"][:12]}...); pass that base')
+  max_seq_length = (max_seq_length or imported.origin.get('max_seq_length')
+                    or min(128, config.max_seq_length))
+  if max_seq_length > config.max_seq_length:
+    raise UsageError(f'--max_seq_length {max_seq_length} exceeds the base maximum '
+                     f'{config.max_seq_length}')
+  meta = {
+      'task': name or imported.origin.get('task') or imported.name, 'head': imported.head,
+      'label_names': imported.label_names, 'num_outputs': imported.num_outputs,
+      'adapter': dataclasses.asdict(imported.adapter),
+      'trainable_rules': imported.trainable_rules,
+      'base': {**identity, 'path': str(base_dir)},
+      'max_seq_length': max_seq_length,
+      'source': {'format': 'adapterhub', 'path': str(ah_dir),
+                 'version': files.adapter_config.get('version'),
+                 'model_name': files.adapter_config.get('model_name')},
+  }
+  out.parent.mkdir(parents=True, exist_ok=True)
+  artifact.save(out, imported.params, meta)
+  a = imported.adapter
+  return (f'wrote artifact {out}: {a.placement} adapters (size {a.size}, {a.activation}) and a '
+          f'{imported.head} head from AdapterHub adapter {imported.name!r}')
+
+
+def _run():
+  from adapter_tuning.errors import UsageError
+  missing = [f for f in ('adapter', 'format', 'output') if not FLAGS[f].value]
+  if missing:
+    raise UsageError(f'{", ".join("--" + m for m in missing)} required; see the module doc '
+                     '(python -m adapter_tuning.export --help)')
+  adapter, out = pathlib.Path(FLAGS.adapter), pathlib.Path(FLAGS.output)
+  if not adapter.exists():
+    raise UsageError(f'--adapter {adapter} does not exist')
+  if FLAGS.to_artifact:
+    print(import_adapterhub(adapter, FLAGS.base, out, FLAGS.name, FLAGS.max_seq_length,
+                            FLAGS.overwrite))
+  else:
+    print(export_artifact(adapter, out, FLAGS.name, FLAGS.base, FLAGS.overwrite))
+
+
+def _normalise(arg: str) -> str:
+  """--to-artifact -> --to_artifact (flag names only, never values)."""
+  if not arg.startswith('--'):
+    return arg
+  name, eq, value = arg[2:].partition('=')
+  return '--' + name.replace('-', '_') + eq + value
+
+
+def main(argv=None) -> int:
+  argv = list(sys.argv if argv is None else argv)
+  argv = argv[:1] + [_normalise(a) for a in argv[1:]]
+  if any(a in ('--help', '-h', '--helpfull') for a in argv[1:]):
+    print(__doc__ + '\n' + FLAGS.get_help())
+    return 0
+  FLAGS.unparse_flags()  # in-process callers (tests) start from the defaults each time
+  try:
+    FLAGS(argv)
+  except flags.Error as e:
+    print(f'error: {str(e).splitlines()[0]}', file=sys.stderr)
+    return 2
+  from adapter_tuning.cli import run_guarded
+  return run_guarded(_run, FLAGS.verbose)
+
+
+if __name__ == '__main__':
+  sys.exit(main())
