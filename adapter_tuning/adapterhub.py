@@ -65,7 +65,7 @@ LAYER_NORMS = 'layer_norms.safetensors'
 MODEL_CLASS = {'bert': 'BertAdapterModel', 'roberta': 'RobertaAdapterModel'}
 _SITES = {'attention': 'attention.output', 'ffn': 'output'}  # ours -> HF module path
 _PROJ = {'down': 'adapter_down.0', 'up': 'adapter_up'}
-_TO_AH_ACT = {'gelu': 'gelu_new', 'gelu_tanh': 'gelu_new', 'relu': 'relu', 'swish': 'swish',
+_TO_AH_ACT = {'gelu': 'gelu', 'gelu_tanh': 'gelu_new', 'relu': 'relu', 'swish': 'swish',
               'tanh': 'tanh'}
 _FROM_AH_ACT = {'gelu': 'gelu', 'gelu_python': 'gelu', 'gelu_new': 'gelu_tanh',
                 'gelu_pytorch_tanh': 'gelu_tanh', 'gelu_fast': 'gelu_tanh',
@@ -227,8 +227,7 @@ def to_adapterhub(params: dict, meta: dict, config: ModelConfig, name: str,
         if value.shape != shape:
           raise UsageError(f'artifact tensor for {base + key} has shape {value.shape}, but '
                            f'its adapter config implies {shape}')
-  layers = range(config.num_layers)
-  leave_out = [i for i in layers if not (adapter.has_adapter(i, 'ffn'))]
+  leave_out = [i for i in range(config.num_layers) if not adapter.has_adapter(i, 'ffn')]
   bn = dict(_BN_DEFAULTS, mh_adapter=adapter.placement == 'houlsby', output_adapter=True,
             non_linearity=_TO_AH_ACT[adapter.activation], leave_out=leave_out,
             reduction_factor=reduction_factor(d, size), original_ln_before=False,

@@ -190,11 +190,11 @@ def export_artifact(artifact_dir: pathlib.Path, out: pathlib.Path, name: str | N
   wrote_bin = write_adapterhub(files, out)
   parts = [f'wrote AdapterHub adapter {name!r} + {head_config["head_type"]} head to {out}']
   if not wrote_bin:
-    parts.append('(torch not installed: safetensors only; load with use_safetensors=True)')
+    parts.append('torch is not installed, so only safetensors: load with use_safetensors=True')
   if files.layer_norm_state:
-    parts.append(f'; trained LayerNorms in {ah.LAYER_NORMS}: load them with '
+    parts.append(f'trained LayerNorms are in {ah.LAYER_NORMS}: load them with '
                  'model.base_model.load_state_dict(..., strict=False), see README.md')
-  return ' '.join(parts)
+  return '; '.join(parts)
 
 
 def import_adapterhub(ah_dir: pathlib.Path, base: str, out: pathlib.Path,
