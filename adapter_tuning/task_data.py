@@ -145,7 +145,7 @@ def _text(config, tokenizer, with_train):
           data.train_file, data.text_key, pair_key, data.label_key)
     eval_examples, label_names = text_files.read_text_file(
         data.eval_file, data.text_key, pair_key, data.label_key, label_names=label_names)
-    name = pathlib.Path(data.train_file or data.eval_file).stem
+    name = pathlib.Path(data.train_file or data.eval_file).resolve().parent.name
   elif data.source == 'tfds':
     if not data.tfds_name:
       raise UsageError('data.task=text with data.source=tfds needs data.tfds_name')
@@ -158,7 +158,7 @@ def _text(config, tokenizer, with_train):
     raise UsageError(f'data.task=text reads data.source=files or tfds, not {data.source!r}')
   return _classification_task(
       config, tokenizer, train_examples=lambda: train_examples,
-      eval_examples={'validation': lambda: eval_examples}, task=f'text/{name}',
+      eval_examples={'validation': lambda: eval_examples}, task=f'text/{data.name or name}',
       label_names=label_names, metric_names=('accuracy',), regression=False,
       with_train=with_train)
 

@@ -33,6 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.train_file = ''             # squad_json / files: training file
   c.data.eval_file = ''              # squad_json / files: evaluation file
   c.data.tfds_name = ''              # task=text from TFDS: dataset name, e.g. imdb_reviews
+  c.data.name = ''                   # task=text: the name adapters are known by ('' = TFDS name or data folder)
   c.data.text_key = 'text'           # task=text: column / feature with the text
   c.data.text_pair_key = ''          # task=text: optional second text column ('' = none)
   c.data.label_key = 'label'         # task=text: label column / feature
