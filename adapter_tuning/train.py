@@ -20,6 +20,8 @@ config_flags.DEFINE_config_file('config', 'configs/demo.py', 'Config file (ml_co
 flags.DEFINE_string('workdir', None, 'Run folder: checkpoints, metrics, adapter artifact.')
 flags.DEFINE_bool('overwrite', False, 'Start over in a workdir that holds a different run.')
 flags.DEFINE_bool('verbose', False, 'Show tracebacks for errors.')
+flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() and let JAX find the '
+                  'cluster (Cloud TPU VM pods, Slurm, Open MPI); launch/tpu_pod.sh sets it.')
 flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (multi-process).')
 flags.DEFINE_integer('num_processes', None, 'Number of processes (multi-process).')
 flags.DEFINE_integer('process_id', None, 'This process (multi-process).')
@@ -37,7 +39,7 @@ def init_distributed():
                        'and --process_id')
     jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
                                num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
-  elif _in_cluster():
+  elif FLAGS.distributed or _in_cluster():
     jax.distributed.initialize()
 
 

@@ -48,8 +48,9 @@ def adapter_config(config) -> AdapterConfig | None:
   a = config.model.adapter
   if a.placement == 'none':
     return None
+  # layers: None or () = every layer (None cannot be written on a command line).
   return AdapterConfig(size=a.size, placement=a.placement, activation=a.activation,
-                       init_scale=a.init_scale, layers=a.layers, seed=config.seed)
+                       init_scale=a.init_scale, layers=a.layers or None, seed=config.seed)
 
 
 def resolve_checkpoint_path(config, workdir: pathlib.Path) -> str:
@@ -93,10 +94,9 @@ def check_workdir(workdir: pathlib.Path, config_json: str, overwrite: bool):
   path = workdir / 'config.json'
   if not path.exists() or overwrite:
     return
-  old = json.loads(path.read_text())
-  new = json.loads(config_json)
-  diff = sorted(k for k in set(_flat(old)) | set(_flat(new))
-                if _flat(old).get(k) != _flat(new).get(k))
+  old, new = _flat(json.loads(path.read_text())), _flat(json.loads(config_json))
+  # Keys on one side only are schema changes between versions, not a different run.
+  diff = sorted(k for k in set(old) & set(new) if old[k] != new[k])
   if diff:
     raise UsageError(f'{workdir} holds a run with a different config (differs in: '
                      f'{", ".join(diff[:5])}); use a new --workdir, or pass --overwrite to '

@@ -127,7 +127,7 @@ for step in ${STEPS//,/ }; do
       venv="$(q "$PY") -m venv --clear .venv"
       remote all "cd $RD && ($venv || (sudo apt-get update -qq && sudo apt-get install -y -qq python3.11-venv && $venv)) && .venv/bin/pip install -q -r requirements.txt $(q "jax[tpu]==$JAX_VERSION")" ;;
     train)  # the same command on every worker; jax.distributed finds the pod by itself
-      remote all "cd $RD && .venv/bin/python -m adapter_tuning.train $(qall "${TRAIN_ARGS[@]}")" ;;
+      remote all "cd $RD && .venv/bin/python -m adapter_tuning.train --distributed $(qall "${TRAIN_ARGS[@]}")" ;;
     fetch)  # worker 0 = process 0 holds metrics.jsonl, config.json and adapter/
       remote 0 "cd $RD && tar -czf adapter_tuning_results.tgz --exclude=./checkpoints -C $(q "$WORKDIR") ."
       run "${GC[@]}" scp "$NAME:$REMOTE_DIR/adapter_tuning_results.tgz" "$OUT_TGZ" "${WHERE[@]}" --worker=0

@@ -382,9 +382,10 @@ def test_tpu_pod_dry_run_prints_the_gcloud_commands(tmp_path):
   remote = cmds[5][-1][len('--command='):]
   prefix = 'cd adapter_tuning && '
   assert remote.startswith(prefix)
-  # What the worker's shell runs is exactly the training command line given after --.
+  # What the worker's shell runs is the training command line given after --, with
+  # --distributed so that every worker joins jax.distributed.
   assert shlex.split(remote[len(prefix):]) == [
-      '.venv/bin/python', '-m', 'adapter_tuning.train', *train]
+      '.venv/bin/python', '-m', 'adapter_tuning.train', '--distributed', *train]
   assert cmds[6][:-1] == gc + ['ssh', 'ad-pod', *where, '--worker=0']
   assert cmds[7] == gc + ['scp', 'ad-pod:adapter_tuning/adapter_tuning_results.tgz',
                           '/tmp/adapter_tuning_results_ad-pod.tgz', *where, '--worker=0']
