@@ -16,7 +16,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
   sys.path.insert(0, str(ROOT))
 
-from launch import sweep  # pylint: disable=g-import-not-at-top
+from launch import results, sweep  # pylint: disable=g-import-not-at-top
 
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
 
@@ -227,7 +227,7 @@ def test_collect_selects_best_setting_on_mean_over_seeds(tmp_path, capsys):
   assert runs['adapters_m8_lrA_s1']['selected'] and not runs['adapters_m8_lrB_s0']['selected']
 
   csv_lines = (wd / 'results.csv').read_text().splitlines()
-  assert csv_lines[0].split(',') == list(sweep.CSV_FIELDS) and len(csv_lines) == 10
+  assert csv_lines[0].split(',') == list(results.CSV_FIELDS) and len(csv_lines) == 10
   assert csv_lines[1].startswith('head_s0,done,head,,none,')
   png = (wd / 'tradeoff.png').read_bytes()
   assert png.startswith(PNG_MAGIC) and len(png) > 5000
@@ -400,7 +400,7 @@ def test_tpu_pod_env_vars_steps_and_errors(tmp_path):
             env_extra={'TPU_NAME': 'p', 'TPU_ZONE': 'europe-west4-a'})
   assert r.returncode == 0, r.stderr
   lines = r.stdout.strip().splitlines()
-  assert len(lines) == 2 and 'adapter_tuning.train --config configs/demo.py --workdir=runs/d' in lines[0]
+  assert len(lines) == 2 and 'adapter_tuning.train --distributed --config configs/demo.py --workdir=runs/d' in lines[0]
   assert lines[1] == 'gcloud compute tpus tpu-vm delete p --zone=europe-west4-a --quiet'
   for args, needle in [(['--zone', 'z'], '--name'), (['--name', 'p', '--zone', 'z'], '--workdir'),
                        (['--name', 'p', '--zone', 'z', '--steps', 'boot'], "unknown step 'boot'"),
