@@ -11,7 +11,6 @@ import dataclasses
 import json
 import pathlib
 
-import jax
 import numpy as np
 
 from adapter_tuning import parallel

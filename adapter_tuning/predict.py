@@ -56,7 +56,7 @@ def predict_rows(mt, rows: list[dict], batch_size: int, max_seq_length: int) -> 
   task_ids = np.asarray([mt.task_index(r.get('task')) for r in rows], np.int32)
   pairs = [r.get('text_pair') for r in rows]
   limit = min(max_seq_length, mt.pretrained.config.max_seq_length)
-  ids, types = [], []
+  ids = []  # (row index, token ids, token type ids)
   # Pairs and single texts tokenise separately (the tokenizer takes one kind per call).
   for has_pair in (False, True):
     idx = [i for i, p in enumerate(pairs) if (p is not None) == has_pair]

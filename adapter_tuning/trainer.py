@@ -15,7 +15,6 @@ import pathlib
 import signal
 import time
 
-import flax.traverse_util as tu
 import jax
 import jax.numpy as jnp
 import numpy as np

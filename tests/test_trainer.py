@@ -4,7 +4,6 @@ import json
 import re
 import signal
 
-import flax.traverse_util as tu
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
@@ -49,7 +48,6 @@ def test_artifact_holds_only_the_trainable_subtree(demo_run):
 
 def test_frozen_params_bit_identical_and_no_optimizer_state_for_them(minilm_dir):
   import jax
-  import ml_collections
   from adapter_tuning import steps, trainable
   from adapter_tuning.optim import make_optimizer
   from adapter_tuning.pretrained import load_pretrained
