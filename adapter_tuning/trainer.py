@@ -136,6 +136,7 @@ class _Preempted:
 
 def train_and_evaluate(config, workdir, overwrite: bool = False) -> dict:
   """Trains, evaluates and exports; returns the final eval metrics."""
+  process_start = time.perf_counter()
   validate(config)
   workdir = pathlib.Path(workdir).absolute()
   is_main = jax.process_index() == 0
@@ -211,6 +212,7 @@ def train_and_evaluate(config, workdir, overwrite: bool = False) -> dict:
                                'total_steps': total_steps}, force=force)
 
   start_time = time.perf_counter()
+  setup_seconds = start_time - process_start
   last_metrics, window_losses, final_metrics = None, [], {}
   reporter.rate(step)
   with _Preempted() as preempted:
@@ -260,7 +262,9 @@ def train_and_evaluate(config, workdir, overwrite: bool = False) -> dict:
   train_seconds = time.perf_counter() - start_time
   if ckpt.latest_step() != step:
     save(step, force=True)
+  eval_start = time.perf_counter()
   final_metrics = evaluate(state['params'], step)
+  eval_seconds = time.perf_counter() - eval_start
   ckpt.close()
 
   trained = parallel.to_host(state['params'])
@@ -279,7 +283,10 @@ def train_and_evaluate(config, workdir, overwrite: bool = False) -> dict:
                f'{counts["trainable"]:,} of {counts["total"]:,} parameters '
                f'({counts["trainable_pct_of_base"]:.2f}% of the base); adapter artifact '
                f'({size_kb:.0f} KiB) in {workdir / "adapter"}')
-  reporter.write(step, {'train/seconds': train_seconds})
+  reporter.log(f'time: setup {setup_seconds:.1f}s (checkpoint, data, tokenising), train loop '
+               f'{train_seconds:.1f}s (compilation included), final evaluation {eval_seconds:.1f}s')
+  reporter.write(step, {'train/seconds': train_seconds, 'time/setup_seconds': setup_seconds,
+                        'time/final_eval_seconds': eval_seconds})
   reporter.close()
   return final_metrics
 
