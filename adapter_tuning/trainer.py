@@ -102,6 +102,16 @@ def check_workdir(workdir: pathlib.Path, config_json: str, overwrite: bool):
                      'start that run over')
 
 
+def clear_run(workdir: pathlib.Path):
+  """--overwrite: the user asked to start over, so the old run's state goes."""
+  import shutil
+  for name in ('checkpoints', 'tensorboard', 'adapter'):
+    shutil.rmtree(workdir / name, ignore_errors=True)
+  for pattern in ('metrics.jsonl', 'predictions*.json*', 'config.json'):
+    for f in workdir.glob(pattern):
+      f.unlink()
+
+
 def _flat(d, prefix=''):
   out = {}
   for k, v in d.items():
@@ -143,6 +153,8 @@ def train_and_evaluate(config, workdir, overwrite: bool = False) -> dict:
   config_json = config.to_json_best_effort(indent=2, sort_keys=True)
   if workdir.exists():
     check_workdir(workdir, config_json, overwrite)
+    if overwrite and jax.process_index() == 0:
+      clear_run(workdir)
   parallel.check_batch_size(config.batch_size)
   parallel.check_batch_size(config.eval_batch_size, 'eval_batch_size')
   workdir.mkdir(parents=True, exist_ok=True)
@@ -197,7 +209,7 @@ def train_and_evaluate(config, workdir, overwrite: bool = False) -> dict:
     reporter.log(f'resumed from the checkpoint at step {step}')
 
   def evaluate(params_dev, at_step):
-    full = jax.jit(trainable_lib.merge)(params_dev, frozen_dev)
+    full = trainable_lib.merge(params_dev, frozen_dev)  # references, no copy of the base
     results = evaluation.evaluate_all(eval_step, full, data, config, boundaries, shard,
                                          setup.pretrained.tokenizer.pad_id)
     reporter.write(at_step, results.metrics)

@@ -65,3 +65,12 @@ def test_workdir_with_a_different_run_is_refused_and_kept(tmp_path):
          'different config', 'num_train_steps', '--overwrite')
   assert sorted(p.name for p in (workdir / 'checkpoints').iterdir()) == before
   assert (workdir / 'config.json').read_text() == config_before
+
+
+def test_overwrite_starts_the_run_over(tmp_path):
+  workdir = tmp_path / 'w'
+  assert run_train(*DEMO, '--workdir', workdir, '--config.num_train_steps=5').returncode == 0
+  again = run_train(*DEMO, '--workdir', workdir, '--config.num_train_steps=7', '--overwrite')
+  assert again.returncode == 0, again.stderr[-2000:]
+  assert 'resumed' not in again.stdout
+  assert '"num_train_steps": 7' in (workdir / 'config.json').read_text()
