@@ -12,10 +12,12 @@ checked against its source (`adapters/methods/modeling.py`, `methods/bottleneck.
   LN(x + h + up(act(down(h)))) -- exactly our placement (modeling.TransformerLayer).
   `mh_adapter` is the adapter after attention, `output_adapter` the one after the FFN:
   both = Houlsby (`DoubleSeqBnConfig`), output only = Pfeiffer (`SeqBnConfig`).
-* `SeqBnConfig`'s default `original_ln_before=True` feeds the adapter LN(x + h) instead
-  of h (and applies the same LN twice); our model has no such placement, so those
-  adapters are refused on import. Our Pfeiffer artifacts export as output-only adapters
-  with `original_ln_before=False`.
+* `SeqBnConfig`'s default `original_ln_before=True` (with `residual_before_ln=True`) keeps h
+  as the residual, feeds the adapter LN(x + h), and `original_ln_after` applies the same LN
+  again: LN(x + h + up(act(down(LN(x + h))))) -- our `AdapterConfig.original_ln_before`.
+  With `residual_before_ln=False` the residual would be LN(x + h) itself (refused); with
+  `original_ln_before=False` it does not matter (the residual is h either way). Artifacts
+  export with `original_ln_before` as they were trained (false unless set).
 * The bottleneck width is `int(d // reduction_factor)`; leave_out lists layers without
   adapters; `non_linearity` goes through transformers' `get_activation` (lower-cased):
   'gelu' is exact GELU, 'gelu_new' the tanh form, 'swish' = SiLU. A config without a
@@ -98,8 +100,8 @@ Load onto the same base checkpoint with `adapters` (AdapterHub) 1.3:
     name = model.load_adapter(THIS_DIR)            # adapter + prediction head
     model.set_active_adapters(name)
 {ln_step}
-`adapter_config.json` asks for original_ln_before=False, residual_before_ln=True,
-original_ln_after=True: LN(x + h + up(act(down(h)))) around each sub-layer, as trained.
+`adapter_config.json` asks for original_ln_before={ln_before}, residual_before_ln=True,
+original_ln_after=True: {formula} around each sub-layer, as trained.
 """
 
 LN_STEP = """\
@@ -230,7 +232,8 @@ def to_adapterhub(params: dict, meta: dict, config: ModelConfig, name: str,
   leave_out = [i for i in range(config.num_layers) if not adapter.has_adapter(i, 'ffn')]
   bn = dict(_BN_DEFAULTS, mh_adapter=adapter.placement == 'houlsby', output_adapter=True,
             non_linearity=_TO_AH_ACT[adapter.activation], leave_out=leave_out,
-            reduction_factor=reduction_factor(d, size), original_ln_before=False,
+            reduction_factor=reduction_factor(d, size),
+            original_ln_before=adapter.original_ln_before,
             original_ln_after=True, residual_before_ln=True, scaling=1.0)
   top = {'hidden_size': d, 'model_class': MODEL_CLASS[prefix], 'model_name': base_name,
          'model_type': prefix, 'name': name, 'version': ADAPTERHUB_VERSION}
@@ -268,7 +271,11 @@ def _head_to_adapterhub(head, meta, name, head_params, pooler):
 
 
 def readme(files: AdapterHubFiles) -> str:
-  return README_TEXT.format(ln_step=LN_STEP if files.layer_norm_state else '')
+  ln_before = bool(files.adapter_config['config'].get('original_ln_before'))
+  formula = ('LN(x + h + up(act(down(LN(x + h)))))' if ln_before
+             else 'LN(x + h + up(act(down(h))))')
+  return README_TEXT.format(ln_step=LN_STEP if files.layer_norm_state else '',
+                            ln_before=str(ln_before).lower(), formula=formula)
 
 
 # ----------------------------------------------------------------------------- import
@@ -293,8 +300,8 @@ def _bn_config(file_config: dict) -> dict:
   return bn
 
 
-def _check_bn(bn: dict) -> str:
-  """Refuses what our model cannot compute exactly; returns the placement."""
+def _check_bn(bn: dict) -> tuple[str, bool]:
+  """Refuses what our model cannot compute exactly; returns (placement, original_ln_before)."""
   unsupported = {'is_parallel': False, 'phm_layer': False, 'use_gating': False,
                  'ln_before': False, 'ln_after': False, 'inv_adapter': None,
                  'original_ln_after': True}
@@ -304,18 +311,20 @@ def _check_bn(bn: dict) -> str:
                      'sequential bottleneck adapters without own LayerNorms, gating, PHM or '
                      'invertible adapters import')
   mh, out = bool(bn.get('mh_adapter')), bool(bn.get('output_adapter'))
-  if bn.get('original_ln_before'):
-    kind = 'Pfeiffer (SeqBnConfig)' if out and not mh else 'this'
-    raise UsageError(
-        f'{kind} adapter has original_ln_before=True: its input is LayerNorm(x + h) and the '
-        'LayerNorm runs twice, while this project places adapters on the sub-layer output h '
-        'before the residual (original_ln_before=False); it cannot be served here exactly')
+  ln_before = bn.get('original_ln_before')
+  if ln_before not in (True, False):
+    raise UsageError(f'original_ln_before={ln_before!r} is not supported')
   if bn.get('residual_before_ln') not in (True, False):
     raise UsageError(f'residual_before_ln={bn.get("residual_before_ln")!r} is not supported')
+  if ln_before and bn.get('residual_before_ln') is not True:
+    raise UsageError(
+        'adapter has original_ln_before=True with residual_before_ln=False: its residual is '
+        'LayerNorm(x + h), which this project does not compute; only residual_before_ln=True '
+        '(the SeqBnConfig default) imports with original_ln_before=True')
   if out and mh:
-    return 'houlsby'
+    return 'houlsby', ln_before
   if out:
-    return 'pfeiffer'
+    return 'pfeiffer', ln_before
   raise UsageError(f'adapter sites mh_adapter={mh}, output_adapter={out} have no placement '
                    'here: houlsby = both, pfeiffer = output_adapter only')
 
@@ -332,7 +341,7 @@ def from_adapterhub(files: AdapterHubFiles, config: ModelConfig) -> Imported:
                      f'{cfg.get("hidden_size")}, but the base is {config.family} with hidden size '
                      f'{config.hidden_size}; pass the base it was trained on')
   bn = _bn_config(cfg)
-  placement = _check_bn(bn)
+  placement, ln_before = _check_bn(bn)
   activation = _FROM_AH_ACT.get(bn['non_linearity'])
   if activation is None:
     raise UsageError(f'adapter non_linearity {bn["non_linearity"]!r} is not supported; '
@@ -374,7 +383,8 @@ def from_adapterhub(files: AdapterHubFiles, config: ModelConfig) -> Imported:
   layers = sorted({i for i, _ in modules})
   adapter = AdapterConfig(size=size, placement=placement, activation=activation,
                           init_scale=1e-2 if bn.get('init_weights') == 'houlsby' else 1e-3,
-                          layers=None if len(layers) == config.num_layers else tuple(layers))
+                          layers=None if len(layers) == config.num_layers else tuple(layers),
+                          original_ln_before=ln_before)
   rules = [['_adapter/', 'train']]
   if files.layer_norm_state:
     flat.update(_layer_norms_from_state(files.layer_norm_state, config))

@@ -39,6 +39,10 @@ class AdapterConfig:
       zero. 0 gives an exact identity, so the model equals its base.
     layers: indices of transformer layers that carry adapters; None means all.
     seed: seed for the adapter initialisation.
+    original_ln_before: AdapterHub's `original_ln_before=True` (with residual_before_ln=True,
+      `SeqBnConfig()`'s default): the adapter reads LN(x + h) instead of the sub-layer output
+      h, keeps h as its residual, and the same LayerNorm then runs again:
+      LN(x + h + up(f(down(LN(x + h))))). Zero adapters still give exactly the base.
   """
 
   size: int = 64
@@ -47,6 +51,7 @@ class AdapterConfig:
   init_scale: float = 1e-3
   layers: Optional[tuple[int, ...]] = None
   seed: int = 0
+  original_ln_before: bool = False
 
   def __post_init__(self):
     if not isinstance(self.size, int) or self.size <= 0:
@@ -60,6 +65,9 @@ class AdapterConfig:
                        f'use one of {", ".join(ACTIVATIONS)}')
     if self.init_scale < 0:
       raise UsageError(f'adapter init_scale must be >= 0, got {self.init_scale}')
+    if not isinstance(self.original_ln_before, bool):
+      raise UsageError('adapter original_ln_before must be true or false, got '
+                       f'{self.original_ln_before!r}')
     if self.layers is not None:
       object.__setattr__(self, 'layers', tuple(int(i) for i in self.layers))
 
@@ -104,7 +112,7 @@ def adapter_param_count(hidden: int, size: int) -> int:
 
 
 class Adapter(nn.Module):
-  """x + up(f(down(x))), near identity at init."""
+  """x + up(f(down(x))), near identity at init; `residual` replaces the x added back."""
 
   size: int
   activation: str = 'gelu'
@@ -112,7 +120,7 @@ class Adapter(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x_BxTxD):
+  def __call__(self, x_BxTxD, residual_BxTxD=None):
     if self.init_scale > 0:
       init = nn.initializers.truncated_normal(stddev=self.init_scale, lower=-2.0, upper=2.0)
     else:
@@ -121,4 +129,4 @@ class Adapter(nn.Module):
     h_BxTxM = nn.Dense(self.size, kernel_init=init, dtype=self.dtype, name='down')(x_BxTxD)
     h_BxTxM = ACTIVATIONS[self.activation](h_BxTxM)
     out_BxTxD = nn.Dense(hidden, kernel_init=init, dtype=self.dtype, name='up')(h_BxTxM)
-    return x_BxTxD + out_BxTxD
+    return (x_BxTxD if residual_BxTxD is None else residual_BxTxD) + out_BxTxD

@@ -18,7 +18,7 @@ documented extra step, spelled out in OUT/README.md:
 
 AdapterHub adapters cannot carry the base LayerNorms (see adapterhub.py), hence the file.
 
-Import an AdapterHub Houlsby (DoubleSeqBnConfig) or Pfeiffer (SeqBnConfig with
+Import an AdapterHub Houlsby (DoubleSeqBnConfig) or Pfeiffer (SeqBnConfig, default or
 original_ln_before=False) adapter saved with its head, as an artifact that
 `adapter_tuning.predict` serves:
 
@@ -27,8 +27,8 @@ original_ln_before=False) adapter saved with its head, as an artifact that
 
 Flags may be spelled with dashes too (--to-artifact). Anything the other side cannot
 compute exactly is refused with a one-line reason (exit 2): a base that is not BERT/RoBERTa,
-an adapter placement or option the other side lacks (e.g. SeqBnConfig's default
-original_ln_before=True), params trained outside adapters/LayerNorms/head/pooler, an
+an adapter placement or option the other side lacks (e.g. original_ln_before=True with
+residual_before_ln=False), params trained outside adapters/LayerNorms/head/pooler, an
 existing --output without --overwrite.
 """
 

@@ -130,7 +130,11 @@ class SelfAttention(nn.Module):
 
 
 class TransformerLayer(nn.Module):
-  """Post-LN layer: LN(x + Adapter(Drop(Attn(x)))), then LN(h + Adapter(Drop(FFN(h))))."""
+  """Post-LN layer: LN(x + Adapter(Drop(Attn(x)))), then LN(h + Adapter(Drop(FFN(h)))).
+
+  With adapter.original_ln_before, a site's adapter reads LN(x + a) (that same LayerNorm)
+  and adds its output to a: LN(x + a + up(f(down(LN(x + a))))), as AdapterHub computes it.
+  """
 
   config: ModelConfig
   adapter: Optional[AdapterConfig]
@@ -149,18 +153,23 @@ class TransformerLayer(nn.Module):
     drop = lambda y: Dropout(cfg.hidden_dropout)(y, deterministic=deterministic)
     ln = lambda name: nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=self.dtype, name=name)
 
+    def add_and_norm(site, residual_BxTxD, y_BxTxD):
+      norm = ln(f'{site}_layer_norm')
+      if (adapter := self._adapter(site)) is not None:
+        if self.adapter.original_ln_before:
+          y_BxTxD = adapter(norm(residual_BxTxD + y_BxTxD), y_BxTxD)
+        else:
+          y_BxTxD = adapter(y_BxTxD)
+      return norm(residual_BxTxD + y_BxTxD)
+
     a_BxTxD = drop(SelfAttention(cfg, self.dtype, name='attention')(
         x_BxTxD, mask_BxT, deterministic))
-    if (adapter := self._adapter('attention')) is not None:
-      a_BxTxD = adapter(a_BxTxD)
-    h_BxTxD = ln('attention_layer_norm')(x_BxTxD + a_BxTxD)
+    h_BxTxD = add_and_norm('attention', x_BxTxD, a_BxTxD)
 
     f_BxTxF = nn.Dense(cfg.intermediate_size, dtype=self.dtype, name='intermediate')(h_BxTxD)
     f_BxTxF = _HIDDEN_ACTS[cfg.hidden_act](f_BxTxF)
     f_BxTxD = drop(nn.Dense(cfg.hidden_size, dtype=self.dtype, name='output')(f_BxTxF))
-    if (adapter := self._adapter('ffn')) is not None:
-      f_BxTxD = adapter(f_BxTxD)
-    return ln('ffn_layer_norm')(h_BxTxD + f_BxTxD)
+    return add_and_norm('ffn', h_BxTxD, f_BxTxD)
 
 
 class Encoder(nn.Module):

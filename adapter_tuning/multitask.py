@@ -48,12 +48,17 @@ def union_adapter(metas: list[dict]) -> AdapterConfig | None:
   if len(activations) > 1:
     raise UsageError(f'cannot serve adapters with different activations {sorted(activations)} '
                      'in one pass; run them separately')
+  ln_before = {c.original_ln_before for c in configs}
+  if len(ln_before) > 1:
+    raise UsageError('cannot serve adapters with and without original_ln_before in one pass '
+                     '(their adapters read different inputs); run them separately')
   placement = 'houlsby' if any(c.placement == 'houlsby' for c in configs) else 'pfeiffer'
   layers = None
   if all(c.layers is not None for c in configs):
     layers = tuple(sorted(set().union(*[c.layers for c in configs])))
   return AdapterConfig(size=max(c.size for c in configs), placement=placement,
-                       activation=configs[0].activation, init_scale=0.0, layers=layers)
+                       activation=configs[0].activation, init_scale=0.0, layers=layers,
+                       original_ln_before=ln_before.pop())
 
 
 def _pad_to(value: np.ndarray, shape: tuple) -> np.ndarray:

@@ -49,7 +49,8 @@ def adapter_config(config) -> AdapterConfig | None:
     return None
   # layers: None or () = every layer (None cannot be written on a command line).
   return AdapterConfig(size=a.size, placement=a.placement, activation=a.activation,
-                       init_scale=a.init_scale, layers=a.layers or None, seed=config.seed)
+                       init_scale=a.init_scale, layers=a.layers or None, seed=config.seed,
+                       original_ln_before=a.get('original_ln_before', False))
 
 
 def resolve_checkpoint_path(config, workdir: pathlib.Path) -> str:

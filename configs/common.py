@@ -21,6 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.adapter.init_scale = 1e-3         # truncated-normal std of adapter weights; 0 = exact identity
   c.model.adapter.activation = 'gelu'       # gelu (exact) | gelu_tanh | relu | swish | tanh
   c.model.adapter.layers = ml_collections.FieldReference(None, field_type=tuple)  # layer indices with adapters; None or () = all
+  c.model.adapter.original_ln_before = False  # adapter reads LN(x + h), LN again after (AdapterHub SeqBnConfig default)
 
   # What trains: adapters (adapters + all layer norms + head, the paper) | full | head | top:K,
   # or a tuple of (regex over '/'-joined param paths, 'train' | 'freeze') rules, first match wins.

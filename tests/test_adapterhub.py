@@ -16,7 +16,8 @@ adapters = pytest.importorskip('adapters')
 
 from adapter_tuning import artifact, export, load_pretrained  # noqa: E402
 from adapter_tuning import trainable as trainable_lib  # noqa: E402
-from adapter_tuning.multitask import MultiTaskModel  # noqa: E402
+from adapter_tuning.errors import UsageError  # noqa: E402
+from adapter_tuning.multitask import MultiTaskModel, union_adapter  # noqa: E402
 
 VOCAB = ['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]'] + [f'w{i}' for i in range(59)]
 TOL = 1e-4
@@ -247,14 +248,70 @@ def test_import_pfeiffer_serves_with_same_logits(base, batch, tmp_path, capsys):
     print(f'import pfeiffer: max |logit difference| = {diff:.2e}')
   assert diff < TOL
 
-  # SeqBnConfig's default feeds the adapter LayerNorm(x + h): refused, not approximated.
-  model.add_adapter('default_pfeiffer', config=adapters.SeqBnConfig())
-  model.save_adapter(str(tmp_path / 'ah_default'), 'default_pfeiffer', with_head=False)
+  # original_ln_before=True with residual_before_ln=False makes LayerNorm(x + h) the
+  # adapter's residual: no equivalent here, refused rather than approximated.
+  model.add_adapter('ln_residual', config=adapters.SeqBnConfig(residual_before_ln=False))
+  model.save_adapter(str(tmp_path / 'ah_ln_residual'), 'ln_residual', with_head=False)
   capsys.readouterr()
-  assert _cli('--adapter', tmp_path / 'ah_default', '--format', 'adapterhub', '--to_artifact',
-              '--base', base, '--output', tmp_path / 'x') == 2
+  assert _cli('--adapter', tmp_path / 'ah_ln_residual', '--format', 'adapterhub',
+              '--to_artifact', '--base', base, '--output', tmp_path / 'x') == 2
   err = capsys.readouterr().err
   assert 'original_ln_before=True' in err and len(err.strip().splitlines()) == 1
+
+
+def test_import_default_seqbn_serves_with_same_logits(base, batch, tmp_path, capsys):
+  """AdapterHub's default Pfeiffer adapter (SeqBnConfig(): original_ln_before=True, the
+  adapter reads LN(x + h) and the LN runs again) imports exactly, and exports back."""
+  model = _adapterhub_model(base, 'seqbn', adapters.SeqBnConfig(),  # relu, m = 2
+                            dict(num_labels=3, layers=1, use_pooler=True), seed=3)
+  theirs = _torch_logits(model, batch)
+  model.save_adapter(str(tmp_path / 'ah'), 'seqbn', with_head=True)
+  out = tmp_path / 'artifact'
+  assert _cli('--adapter', tmp_path / 'ah', '--format', 'adapterhub', '--to_artifact',
+              '--base', base, '--output', out) == 0
+  meta, _ = artifact.load(out)
+  assert (meta['adapter']['placement'], meta['adapter']['original_ln_before']) == ('pfeiffer', True)
+  ours, _ = _ours([out], batch)
+  diff = float(np.abs(ours - theirs).max())
+
+  # Round trip: the artifact exports with original_ln_before=true and loads there again.
+  back = tmp_path / 'ah_back'
+  assert _cli('--adapter', out, '--format', 'adapterhub', '--output', back) == 0
+  config = json.loads((back / 'adapter_config.json').read_text())['config']
+  assert (config['original_ln_before'], config['residual_before_ln'],
+          config['original_ln_after'], config['mh_adapter']) == (True, True, True, False)
+  again = _torch_logits(_load_in_adapterhub(base, back)[0], batch)
+  diff_back = float(np.abs(again - theirs).max())
+  with capsys.disabled():
+    print(f'import SeqBnConfig(): max |logit difference| = {diff:.2e}, '
+          f'exported back: {diff_back:.2e}')
+  assert max(diff, diff_back) < TOL
+
+
+def test_original_ln_before_artifact_round_trip(base, batch, tmp_path, capsys):
+  """Our artifact with original_ln_before (and trained LayerNorms, used twice per site)
+  exports, matches AdapterHub, imports back; the flag changes the logits."""
+  adapter = {'size': 8, 'init_scale': 0.3, 'placement': 'pfeiffer', 'original_ln_before': True}
+  art = _make_artifact(base, tmp_path / 'artifact', adapter=adapter)
+  plain = _make_artifact(base, tmp_path / 'plain', adapter={**adapter, 'original_ln_before': False})
+  out = tmp_path / 'ah'
+  assert _cli('--adapter', art, '--format', 'adapterhub', '--output', out) == 0
+  assert json.loads((out / 'adapter_config.json').read_text())['config']['original_ln_before']
+  assert 'LN(x + h + up(act(down(LN(x + h)))))' in (out / 'README.md').read_text()
+  ours, _ = _ours([art], batch)
+  theirs = _torch_logits(_load_in_adapterhub(base, out)[0], batch)
+  back = tmp_path / 'back'
+  assert _cli('--adapter', out, '--format', 'adapterhub', '--to_artifact', '--base', base,
+              '--output', back) == 0
+  assert artifact.load(back)[0]['adapter']['original_ln_before'] is True
+  again, _ = _ours([back], batch)
+  diffs = float(np.abs(ours - theirs).max()), float(np.abs(ours - again).max())
+  with capsys.disabled():
+    print(f'original_ln_before export: {diffs[0]:.2e}, round trip: {diffs[1]:.2e}')
+  assert max(diffs) < TOL
+  assert np.abs(ours - _ours([plain], batch)[0]).max() > 1e-2
+  with pytest.raises(UsageError, match='original_ln_before'):  # one pass cannot hold both
+    union_adapter([artifact.load(art)[0], artifact.load(plain)[0]])
 
 
 def test_refusals(base, tmp_path, capsys):

@@ -35,6 +35,24 @@ def test_init_scale_zero_is_exactly_the_base(minilm_dir, minilm):
   np.testing.assert_array_equal(ours['pooled'], base['pooled'])
 
 
+def test_original_ln_before_with_zero_adapters_is_exactly_the_base(minilm_dir, minilm):
+  """LN(x + h + up(f(down(LN(x + h))))): the LayerNorm runs twice, but the first result
+  only feeds the adapter and h (not LN(x + h)) is the residual, so zero adapters leave
+  LN(x + h): exactly the base (AdapterHub's residual_before_ln=True, SeqBnConfig's
+  default). With random adapters the flag changes the output."""
+  pre = load_pretrained(minilm_dir, adapter={'size': 8, 'init_scale': 0.0,
+                                             'original_ln_before': True})
+  base = minilm.encode(TEXTS)
+  ours = pre.encode(TEXTS)
+  np.testing.assert_array_equal(ours['last_hidden_state'], base['last_hidden_state'])
+  np.testing.assert_array_equal(ours['pooled'], base['pooled'])
+  on = load_pretrained(minilm_dir, adapter={'size': 8, 'init_scale': 0.1,
+                                            'original_ln_before': True})
+  off = load_pretrained(minilm_dir, adapter={'size': 8, 'init_scale': 0.1})
+  assert np.abs(on.encode(TEXTS)['last_hidden_state']
+                - off.encode(TEXTS)['last_hidden_state']).max() > 1e-3
+
+
 def test_default_init_is_near_identity(minilm_dir, minilm):
   pre = load_pretrained(minilm_dir, adapter={'size': 64})
   base = minilm.encode(TEXTS)['last_hidden_state']
@@ -66,6 +84,7 @@ def test_adapter_seed_changes_init(minilm_dir):
     ({'placement': 'sideways'}, 'unknown adapter placement'),
     ({'activation': 'softsign'}, 'unknown adapter activation'),
     ({'sise': 8}, 'unknown adapter config keys'),
+    ({'original_ln_before': 'yes'}, 'original_ln_before must be true or false'),
 ])
 def test_bad_adapter_config(bad, match):
   with pytest.raises(UsageError, match=match):
