@@ -31,6 +31,11 @@ def save(directory: pathlib.Path, trainable_params: dict, meta: dict):
   save_file(flat, str(tmp / 'weights.safetensors'))
   (tmp / 'config.json').write_text(json.dumps({'format_version': FORMAT_VERSION, **meta},
                                               indent=2, sort_keys=True))
+  replace_dir(tmp, directory)
+
+
+def replace_dir(tmp: pathlib.Path, directory: pathlib.Path):
+  """Puts a fully written folder in place; the old one goes only once the new one is there."""
   if directory.exists():
     old = directory.with_name(directory.name + '.old')
     shutil.rmtree(old, ignore_errors=True)

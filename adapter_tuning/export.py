@@ -91,17 +91,6 @@ def _check_output(out: pathlib.Path, overwrite: bool):
     raise UsageError(f'--output {out} exists; pass --overwrite to replace it or choose another')
 
 
-def _replace_dir(tmp: pathlib.Path, out: pathlib.Path):
-  if out.exists():
-    old = out.with_name(out.name + '.old')
-    shutil.rmtree(old, ignore_errors=True)
-    out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old)
-  else:
-    tmp.rename(out)
-
-
 def write_adapterhub(files, out: pathlib.Path):
   """Writes AdapterHubFiles the way save_adapter does (.bin when torch is available)."""
   from safetensors.numpy import save_file
@@ -126,7 +115,8 @@ def write_adapterhub(files, out: pathlib.Path):
     save_file({k: np.ascontiguousarray(v, np.float32) for k, v in files.layer_norm_state.items()},
               str(tmp / ah.LAYER_NORMS))
   (tmp / 'README.md').write_text(ah.readme(files))
-  _replace_dir(tmp, out)
+  from adapter_tuning.artifact import replace_dir
+  replace_dir(tmp, out)
   return torch is not None
 
 
