@@ -165,7 +165,8 @@ def train_and_evaluate(config, workdir, overwrite: bool = False) -> dict:
   train_params, frozen_params = trainable_lib.split(setup.params, rules)
   counts = trainable_lib.summary(setup.params, rules)
 
-  boundaries = batching.bucket_boundaries(config.data.max_seq_length, config.data.num_buckets)
+  boundaries = batching.bucket_boundaries(config.data.max_seq_length, config.data.num_buckets,
+                                         min_len=config.data.min_bucket_length)
   train_labels = _label_array(data.train)
   steps_per_epoch = batching.num_train_batches(len(data.train), config.batch_size)
   if steps_per_epoch == 0:

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Side by side with the peer (AdapterHub on PyTorch), alternating runs: these VMs drift.
 #   bash bench/compare.sh [ROUNDS] [all|e2e] > results.jsonl
+# OURS_E2E_ARGS adds config overrides to our end-to-end run, e.g.
+#   OURS_E2E_ARGS="--config.data.num_buckets=7 --config.data.min_bucket_length=8"
 # Needs ../peer-venv (see ../shared/bench/README.md) and the project's .venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,14 +22,15 @@ ours_e2e() {  # $1 = cold (compilation cache off) | warm (a private cache, prime
     --config.model.checkpoint=../shared/models/all-MiniLM-L6-v2 --config.data.source=glue_dir \
     --config.data.data_dir=../shared/data/glue --config.data.max_train_examples=4096 \
     --config.num_epochs=1 --config.learning_rate=1e-3 --config.eval_batch_size=64 \
-    --config.progress_bar=false "${cache_flag[@]}" > "$E2E_WORK/log" 2>&1
+    --config.progress_bar=false "${cache_flag[@]}" ${OURS_E2E_ARGS:-} > "$E2E_WORK/log" 2>&1
   end=$(date +%s.%N)
-  python3 - "$E2E_WORK/run/metrics.jsonl" "$start" "$end" "$1" <<'PY'
+  python3 - "$E2E_WORK/run/metrics.jsonl" "$start" "$end" "$1" "${OURS_E2E_ARGS:-}" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 acc = [r['eval/accuracy'] for r in rows if 'eval/accuracy' in r][-1]
 secs = [r['train/seconds'] for r in rows if 'train/seconds' in r][-1]
 print(json.dumps({'tool': 'adapter_tuning', 'task': 'sst2', 'mode': 'adapter', 'cache': sys.argv[4],
+                  'extra_args': sys.argv[5],
                   'wall_s_total': float(sys.argv[3]) - float(sys.argv[2]),
                   'wall_s_train_loop': secs, 'dev_accuracy': acc}))
 PY

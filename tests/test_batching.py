@@ -36,6 +36,8 @@ def test_bucket_boundaries():
   assert batching.bucket_boundaries(100, 4) == (16, 32, 56, 100)
   assert batching.bucket_boundaries(16, 4) == (8, 16)
   assert batching.bucket_boundaries(128, 1) == (128,)
+  assert batching.bucket_boundaries(128, 7, min_len=8) == (8, 16, 24, 32, 56, 88, 128)
+  assert batching.bucket_boundaries(128, 4, min_len=16) == (16, 32, 64, 128)
   with pytest.raises(ValueError):
     batching.bucket_boundaries(128, 0)
 

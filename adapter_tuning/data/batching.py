@@ -23,6 +23,8 @@ no attention kernel ever sees a fully masked row).
 
 from __future__ import annotations
 
+import math
+
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -30,17 +32,21 @@ import numpy as np
 from adapter_tuning.errors import UsageError
 
 
-def bucket_boundaries(max_len: int, n: int = 4, multiple: int = 8) -> tuple[int, ...]:
-  """About `n` static lengths, doubling up to `max_len` (always the last), multiples of 8.
+def bucket_boundaries(max_len: int, n: int = 4, multiple: int = 8,
+                      min_len: int = 0) -> tuple[int, ...]:
+  """About `n` static lengths, geometric up to `max_len` (always the last), multiples of 8.
 
-  Doubling bounds the waste inside a bucket to under half its length; multiples of 8 suit
-  matmul tiling. n=4, max_len=128 -> (16, 32, 64, 128). Small `max_len` gives fewer.
+  By default they double (min_len = max_len / 2^(n-1)), which bounds the waste inside a
+  bucket to under half its length; multiples of 8 suit matmul tiling. n=4, max_len=128 ->
+  (16, 32, 64, 128). A smaller `min_len` with more buckets packs short texts tighter, e.g.
+  n=7, min_len=8 -> (8, 16, 24, 32, 56, 88, 128), at the price of more compiled shapes.
   """
   if max_len < 1 or n < 1:
     raise UsageError(f'bucket_boundaries needs max_len >= 1 and n >= 1 (got {max_len}, {n})')
+  ratio = 2.0 if not min_len or n < 2 else (max_len / min_len) ** (1.0 / (n - 1))
   lengths = set()
   for k in range(n - 1, 0, -1):
-    length = -(-max_len // (2 ** k))  # ceil
+    length = math.ceil(max_len / ratio ** k - 1e-9)
     length = -(-length // multiple) * multiple
     if length < max_len:
       lengths.add(length)
