@@ -90,19 +90,14 @@ def predict_rows(mt, rows: list[dict], batch_size: int, max_seq_length: int) -> 
 
 
 def read_jsonl(path: pathlib.Path) -> list[dict]:
+  """Input rows from JSONL (or CSV) with a "text" column; line numbers in errors."""
+  from adapter_tuning.data.text_files import read_rows
   from adapter_tuning.errors import UsageError
   rows = []
-  with open(path) as f:
-    for n, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise UsageError(f'{path}:{n}: not valid JSON ({e.msg}); one JSON object per line') from None
-      if not isinstance(row, dict) or not isinstance(row.get('text'), str):
-        raise UsageError(f'{path}:{n}: each row needs a "text" string')
-      rows.append(row)
+  for n, row in read_rows(path):
+    if not isinstance(row.get('text'), str):
+      raise UsageError(f'{path}:{n}: each row needs a "text" string')
+    rows.append(row)
   if not rows:
     raise UsageError(f'{path} has no rows')
   return rows

@@ -22,7 +22,7 @@ from adapter_tuning.errors import UsageError
 FORMATS = {'.csv': 'csv', '.tsv': 'tsv', '.tab': 'tsv', '.jsonl': 'jsonl', '.json': 'jsonl'}
 
 
-def _rows(path: pathlib.Path) -> Iterator[tuple[int, dict]]:
+def read_rows(path: pathlib.Path) -> Iterator[tuple[int, dict]]:
   """(line number, row as {column: value}) for every data row of a file."""
   kind = FORMATS.get(path.suffix.lower())
   if kind is None:
@@ -85,7 +85,7 @@ def read_text_file(path, text_key: str, text_pair_key: Optional[str] = None,
   if not path.is_file():
     raise UsageError(f'{path} not found; data files must be CSV, TSV or JSONL')
   raw = []
-  for n, row in _rows(path):
+  for n, row in read_rows(path):
     where = f'{path}:{n}'
     texts = [_field(row, k, where, path) for k in (text_key, text_pair_key) if k]
     for k, t in zip((text_key, text_pair_key), texts):
