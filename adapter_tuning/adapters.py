@@ -13,12 +13,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from adapter_tuning.activations import gelu_exact
 from adapter_tuning.errors import UsageError
 
 PLACEMENTS = ('houlsby', 'pfeiffer', 'none')
 
+
+
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    'gelu': lambda x: jax.nn.gelu(x, approximate=False),
+    'gelu': gelu_exact,
     'gelu_tanh': lambda x: jax.nn.gelu(x, approximate=True),
     'relu': jax.nn.relu,
     'swish': jax.nn.swish,

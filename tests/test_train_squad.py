@@ -1,6 +1,7 @@
 """SQuAD through the same trainer: windows, span head, EM/F1 and predictions.json."""
 
 import json
+import re
 
 from adapter_tuning import demo
 from adapter_tuning.trainer import train_and_evaluate
@@ -8,7 +9,7 @@ from configs import squad as squad_config
 from conftest import SQUAD_DEV
 
 
-def test_squad_loop_writes_official_predictions(tmp_path):
+def test_squad_loop_writes_official_predictions(tmp_path, capsys):
   base = demo.ensure_checkpoint(tmp_path / 'base')
   config = squad_config.get_config()
   config.model.checkpoint = str(base)
@@ -34,6 +35,8 @@ def test_squad_loop_writes_official_predictions(tmp_path):
   assert len(predictions) == 40 and all(isinstance(v, str) for v in predictions.values())
   meta = json.loads((tmp_path / 'run' / 'adapter' / 'config.json').read_text())
   assert meta['head'] == 'span'
+  # The span batches' shapes were all compiled ahead (precompile.py): no batch fell back.
+  assert re.search(r'[1-9]\d* step shapes compiled ahead, 0 batches not', capsys.readouterr().out)
 
 
 def test_same_file_without_holdout_is_refused(tmp_path):

@@ -31,6 +31,8 @@ def test_demo_learns_and_reports(demo_run):
   assert (workdir / 'config.json').exists()
   assert list((workdir / 'tensorboard').iterdir())
   assert any('train/loss' in m for m in read_metrics(workdir))
+  # Every train and eval batch ran on an executable compiled ahead (precompile.py).
+  assert re.search(r'[1-9]\d* step shapes compiled ahead, 0 batches not', result.stdout)
 
 
 def test_artifact_holds_only_the_trainable_subtree(demo_run):

@@ -134,6 +134,24 @@ def train_batches(input_ids: Sequence[np.ndarray], token_type_ids: Sequence[np.n
     yield _stack(mine, input_ids, token_type_ids, labels, (length,), pad_id)
 
 
+def train_lengths(input_ids: Sequence[np.ndarray], batch_size: int, *, seed: int, epoch: int,
+                  boundaries: Sequence[int], start_batch: int = 0,
+                  chunk_batches: int = 100) -> list[int]:
+  """The padded lengths of `train_batches`' batches, each once, in order of first use."""
+  lengths = _lengths(input_ids)
+  order = train_order(lengths, batch_size, seed, epoch, chunk_batches)[start_batch:]
+  padded = [_padded_length(int(m), boundaries) for m in lengths[order].max(axis=1)]
+  return list(dict.fromkeys(padded))
+
+
+def eval_lengths(input_ids: Sequence[np.ndarray], batch_size: int,
+                 boundaries: Sequence[int]) -> list[int]:
+  """The padded lengths of `eval_batches`' batches, each once, in order of use."""
+  lengths = np.sort(_lengths(input_ids), kind='stable')
+  return list(dict.fromkeys(_padded_length(int(lengths[min(s + batch_size, len(lengths)) - 1]),
+                                           boundaries) for s in range(0, len(lengths), batch_size)))
+
+
 def num_eval_batches(num_examples: int, batch_size: int) -> int:
   return -(-num_examples // batch_size)
 
