@@ -64,11 +64,12 @@ def run_split(eval_step, params, split, batch_size, boundaries, shard, pad_id=0)
   return result
 
 
-def evaluate_all(eval_step, params, data, config, boundaries, shard, pad_id=0) -> Results:
+def evaluate_all(eval_step, params, data, config, boundaries: dict, shard, pad_id=0) -> Results:
+  """Runs every eval split; `boundaries` maps each split's name to its padded lengths."""
   from adapter_tuning import metrics as metrics_lib
   metrics, predictions = {}, {}
   for i, (name, split) in enumerate(data.evals.items()):
-    out = run_split(eval_step, params, split, config.eval_batch_size, boundaries, shard,
+    out = run_split(eval_step, params, split, config.eval_batch_size, boundaries[name], shard,
                     pad_id)
     prefix = 'eval/' if i == 0 else f'eval/{name}/'
     if data.head == 'span':

@@ -83,6 +83,24 @@ def build(config, workdir: pathlib.Path, with_train: bool = True) -> Setup:
   return Setup(model, params, rules, pre, data, adapter)
 
 
+def length_buckets(config, data) -> tuple[tuple[int, ...], dict[str, tuple[int, ...]]]:
+  """Padded lengths for training and for each eval split: at most data.num_buckets each.
+
+  data.fit_buckets picks them from the data (batching.fit_boundaries: least padding for
+  that many compiled shapes); otherwise they are geometric up to max_seq_length.
+  """
+  d = config.data
+  geometric = batching.bucket_boundaries(d.max_seq_length, d.num_buckets,
+                                         min_len=d.min_bucket_length)
+  if not d.fit_buckets:
+    return geometric, {name: geometric for name in data.evals}
+  fit = lambda maxima: batching.fit_boundaries(maxima, d.num_buckets, max_len=d.max_seq_length)
+  train = fit(batching.train_batch_maxima(data.train.input_ids, config.batch_size, config.seed))
+  evals = {name: fit(batching.eval_batch_maxima(split.input_ids, config.eval_batch_size))
+           if len(split) else geometric for name, split in data.evals.items()}
+  return train, evals
+
+
 def num_steps_for(config, steps_per_epoch: int) -> int:
   if config.num_train_steps > 0:
     return int(config.num_train_steps)
@@ -165,14 +183,13 @@ def train_and_evaluate(config, workdir, overwrite: bool = False) -> dict:
   train_params, frozen_params = trainable_lib.split(setup.params, rules)
   counts = trainable_lib.summary(setup.params, rules)
 
-  boundaries = batching.bucket_boundaries(config.data.max_seq_length, config.data.num_buckets,
-                                         min_len=config.data.min_bucket_length)
   train_labels = _label_array(data.train)
   steps_per_epoch = batching.num_train_batches(len(data.train), config.batch_size)
   if steps_per_epoch == 0:
     raise UsageError(f'the training split has {len(data.train)} examples, fewer than one batch '
                      f'of {config.batch_size}; lower batch_size or add data')
   total_steps = num_steps_for(config, steps_per_epoch)
+  train_bounds, eval_bounds = length_buckets(config, data)
 
   from adapter_tuning.optim import make_optimizer
   tx = make_optimizer(config, total_steps)
@@ -193,13 +210,14 @@ def train_and_evaluate(config, workdir, overwrite: bool = False) -> dict:
     """Starts compiling every train and eval batch shape of the run (precompile.py)."""
     state_spec, frozen_spec = precompile.abstract(state), precompile.abstract(frozen_dev)
     for length in batching.train_lengths(data.train.input_ids, config.batch_size,
-                                         seed=config.seed, epoch=epoch, boundaries=boundaries,
+                                         seed=config.seed, epoch=epoch, boundaries=train_bounds,
                                          start_batch=start_batch):
       train_step.prepare(state_spec, frozen_spec, precompile.with_length(batch, length))
     params_spec = precompile.abstract(trainable_lib.merge(state['params'], frozen_dev))
     inputs = {k: batch[k] for k in ('input_ids', 'attention_mask', 'token_type_ids')}
-    for split in data.evals.values():
-      for length in batching.eval_lengths(split.input_ids, config.eval_batch_size, boundaries):
+    for name, split in data.evals.items():
+      for length in batching.eval_lengths(split.input_ids, config.eval_batch_size,
+                                          eval_bounds[name]):
         eval_step.prepare(params_spec,
                           precompile.with_length(inputs, length, config.eval_batch_size))
 
@@ -213,6 +231,8 @@ def train_and_evaluate(config, workdir, overwrite: bool = False) -> dict:
                f'{jax.devices()[0].platform} device(s)')
   for k, v in data.report.items():
     reporter.log(f'data: {k} = {v}')
+  reporter.log(f'length buckets: train {train_bounds}; '
+               + '; '.join(f'{k} {v}' for k, v in eval_bounds.items()))
 
   ckpt = Checkpointer(workdir / 'checkpoints', config.keep_checkpoints)
   base_identity = setup.pretrained.identity
@@ -228,7 +248,7 @@ def train_and_evaluate(config, workdir, overwrite: bool = False) -> dict:
 
   def evaluate(params_dev, at_step):
     full = trainable_lib.merge(params_dev, frozen_dev)  # references, no copy of the base
-    results = evaluation.evaluate_all(eval_step, full, data, config, boundaries, shard,
+    results = evaluation.evaluate_all(eval_step, full, data, config, eval_bounds, shard,
                                          setup.pretrained.tokenizer.pad_id)
     reporter.write(at_step, results.metrics)
     reporter.log(f'eval at step {at_step}: ' + ', '.join(
@@ -250,7 +270,7 @@ def train_and_evaluate(config, workdir, overwrite: bool = False) -> dict:
       epoch, start_batch = divmod(step, steps_per_epoch)
       for local in batching.train_batches(
           data.train.input_ids, data.train.token_type_ids, train_labels, config.batch_size,
-          seed=config.seed, epoch=epoch, boundaries=boundaries,
+          seed=config.seed, epoch=epoch, boundaries=train_bounds,
           process_index=jax.process_index(), process_count=jax.process_count(),
           start_batch=start_batch, pad_id=setup.pretrained.tokenizer.pad_id):
         batch = parallel.to_global(_with_label_keys(local, data.head), shard)

@@ -43,6 +43,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.max_eval_examples = 0       # use only the first N examples of each eval split (0 = all)
   c.data.num_buckets = 4             # static sequence-length buckets (fewer shapes = fewer compiles)
   c.data.min_bucket_length = 0       # shortest bucket; 0 = buckets double up to max_seq_length
+  c.data.fit_buckets = True          # pick the num_buckets lengths from the data (least padding);
+                                     # false = geometric up to max_seq_length (min_bucket_length)
   c.data.doc_stride = 128            # squad: stride between context windows
   c.data.max_query_length = 64       # squad: question tokens kept
   c.data.max_answer_length = 30      # squad: longest answer span considered at eval

