@@ -18,8 +18,6 @@ from adapter_tuning.errors import UsageError
 
 PLACEMENTS = ('houlsby', 'pfeiffer', 'none')
 
-
-
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     'gelu': gelu_exact,
     'gelu_tanh': lambda x: jax.nn.gelu(x, approximate=True),
