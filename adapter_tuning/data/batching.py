@@ -95,8 +95,12 @@ def train_batch_maxima(input_ids: Sequence[np.ndarray], batch_size: int, seed: i
   """Longest row of each epoch-0 training batch, plus the longest row of all (later
   epochs batch differently, and every batch must fit the last boundary)."""
   lengths = _lengths(input_ids)
-  order = train_order(lengths, batch_size, seed, 0, chunk_batches)
-  return np.append(lengths[order].max(axis=1), lengths.max())
+  return np.append(_epoch_maxima(lengths, batch_size, seed, 0, chunk_batches), lengths.max())
+
+
+def _epoch_maxima(lengths: np.ndarray, batch_size: int, seed: int, epoch: int,
+                  chunk_batches: int) -> np.ndarray:
+  return lengths[train_order(lengths, batch_size, seed, epoch, chunk_batches)].max(axis=1)
 
 
 def eval_batch_maxima(input_ids: Sequence[np.ndarray], batch_size: int) -> np.ndarray:
@@ -191,18 +195,15 @@ def train_lengths(input_ids: Sequence[np.ndarray], batch_size: int, *, seed: int
                   boundaries: Sequence[int], start_batch: int = 0,
                   chunk_batches: int = 100) -> list[int]:
   """The padded lengths of `train_batches`' batches, each once, in order of first use."""
-  lengths = _lengths(input_ids)
-  order = train_order(lengths, batch_size, seed, epoch, chunk_batches)[start_batch:]
-  padded = [_padded_length(int(m), boundaries) for m in lengths[order].max(axis=1)]
-  return list(dict.fromkeys(padded))
+  maxima = _epoch_maxima(_lengths(input_ids), batch_size, seed, epoch, chunk_batches)
+  return list(dict.fromkeys(_padded_length(int(m), boundaries) for m in maxima[start_batch:]))
 
 
 def eval_lengths(input_ids: Sequence[np.ndarray], batch_size: int,
                  boundaries: Sequence[int]) -> list[int]:
   """The padded lengths of `eval_batches`' batches, each once, in order of use."""
-  lengths = np.sort(_lengths(input_ids), kind='stable')
-  return list(dict.fromkeys(_padded_length(int(lengths[min(s + batch_size, len(lengths)) - 1]),
-                                           boundaries) for s in range(0, len(lengths), batch_size)))
+  return list(dict.fromkeys(_padded_length(int(m), boundaries)
+                            for m in eval_batch_maxima(input_ids, batch_size)))
 
 
 def num_eval_batches(num_examples: int, batch_size: int) -> int:
