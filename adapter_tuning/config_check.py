@@ -52,6 +52,7 @@ def validate(config: ml_collections.ConfigDict):
       (config.data.max_seq_length >= 8,
        f'data.max_seq_length must be >= 8, got {config.data.max_seq_length}'),
       (config.data.num_buckets >= 1, 'data.num_buckets must be >= 1'),
+      (config.data.bucket_shape_cost >= 0, 'data.bucket_shape_cost must be >= 0'),
       (config.log_every_steps > 0, 'log_every_steps must be > 0'),
       (config.eval_every_steps >= 0, 'eval_every_steps must be >= 0 (0 = only at the end)'),
       (config.checkpoint_every_steps > 0, 'checkpoint_every_steps must be > 0'),

@@ -89,11 +89,14 @@ class Dropout(nn.Module):
   rate: float
 
   @nn.compact
-  def __call__(self, x, deterministic: bool):
+  def __call__(self, x, deterministic: bool, rng=None):
+    """`rng`: the key for this mask; by default one drawn from the 'dropout' stream."""
     if deterministic or self.rate <= 0:
       return x
     threshold = min(int(round(self.rate * 2 ** 32)), 2 ** 32 - 1)
-    keep = random_bits32(self.make_rng('dropout'), x.shape) >= jnp.uint32(threshold)
+    if rng is None:
+      rng = self.make_rng('dropout')
+    keep = random_bits32(rng, x.shape) >= jnp.uint32(threshold)
     return jnp.where(keep, x / (1.0 - threshold / 2 ** 32), 0).astype(x.dtype)
 
 
@@ -150,7 +153,7 @@ class SelfAttention(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x_BxTxD, mask_BxT, deterministic: bool):
+  def __call__(self, x_BxTxD, mask_BxT, deterministic: bool, dropout_rng=None):
     cfg = self.config
     head_dim = cfg.hidden_size // cfg.num_heads
     dense = lambda name: nn.DenseGeneral((cfg.num_heads, head_dim), dtype=self.dtype, name=name)
@@ -160,7 +163,7 @@ class SelfAttention(nn.Module):
     if not deterministic and cfg.attention_dropout > 0:
       drop = Dropout(cfg.attention_dropout)
       out_BxTxNxH = folded_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, mask_BxT,
-                                     lambda p: drop(p, deterministic=False))
+                                     lambda p: drop(p, deterministic=False, rng=dropout_rng))
     else:
       out_BxTxNxH = jax.nn.dot_product_attention(
           q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, mask=mask_BxT[:, None, None, :])
@@ -205,9 +208,11 @@ class TransformerLayer(nn.Module):
     return Adapter(a.size, a.activation, a.init_scale, dtype=self.dtype, name=f'{site}_adapter')
 
   @nn.compact
-  def __call__(self, x_BxTxD, mask_BxT, deterministic: bool):
+  def __call__(self, x_BxTxD, mask_BxT, deterministic: bool, dropout_rng=None):
+    """`dropout_rng`: this layer's key; its three dropout masks fold in 0, 1, 2."""
     cfg = self.config
-    drop = lambda y: Dropout(cfg.hidden_dropout)(y, deterministic=deterministic)
+    key = lambda k: None if dropout_rng is None else jax.random.fold_in(dropout_rng, k)
+    drop = lambda y, k: Dropout(cfg.hidden_dropout)(y, deterministic=deterministic, rng=key(k))
     ln = lambda name: nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=self.dtype, name=name)
 
     def add_and_norm(site, residual_BxTxD, y_BxTxD):
@@ -220,12 +225,12 @@ class TransformerLayer(nn.Module):
       return norm(residual_BxTxD + y_BxTxD)
 
     a_BxTxD = drop(SelfAttention(cfg, self.dtype, name='attention')(
-        x_BxTxD, mask_BxT, deterministic))
+        x_BxTxD, mask_BxT, deterministic, key(0)), 1)
     h_BxTxD = add_and_norm('attention', x_BxTxD, a_BxTxD)
 
     f_BxTxF = DenseAct(cfg.intermediate_size, cfg.hidden_act, self.dtype, name='intermediate')(
         h_BxTxD)
-    f_BxTxD = drop(nn.Dense(cfg.hidden_size, dtype=self.dtype, name='output')(f_BxTxF))
+    f_BxTxD = drop(nn.Dense(cfg.hidden_size, dtype=self.dtype, name='output')(f_BxTxF), 2)
     return add_and_norm('ffn', h_BxTxD, f_BxTxD)
 
 
@@ -234,6 +239,12 @@ class Encoder(nn.Module):
 
   Attributes:
     remat: rematerialise each layer in the backward pass (less memory, ~1/3 more compute).
+    scan: run runs of identically shaped layers as one `lax.scan` over their stacked
+      parameters, so XLA compiles one layer body instead of num_layers copies. Parameters
+      stay stored per layer (`layer_{i}`, as in Hugging Face checkpoints and artifacts); the
+      stacking happens inside the jitted step. Numbers equal the unrolled stack (each layer
+      draws its dropout key by folding its index into one key, in both forms;
+      tests/test_step_equivalence.py).
 
   No stop-gradient is needed below the lowest trained layer: JAX's transpose computes
   cotangents only on paths that lead to differentiated (trainable) inputs, so the backward
@@ -244,6 +255,7 @@ class Encoder(nn.Module):
   adapter: Optional[AdapterConfig] = None
   dtype: jnp.dtype = jnp.float32
   remat: bool = False
+  scan: bool = False
 
   @nn.compact
   def __call__(self, input_ids_BxT, attention_mask_BxT, token_type_ids_BxT=None,
@@ -254,10 +266,50 @@ class Encoder(nn.Module):
     mask_BxT = attention_mask_BxT.astype(bool)
     x_BxTxD = Embeddings(cfg, self.dtype, name='embeddings')(
         input_ids_BxT, token_type_ids_BxT, deterministic)
-    layer_cls = nn.remat(TransformerLayer, static_argnums=(3,)) if self.remat else TransformerLayer
-    for i in range(cfg.num_layers):
-      x_BxTxD = layer_cls(cfg, self.adapter, i, self.dtype, name=f'layer_{i}')(
-          x_BxTxD, mask_BxT, deterministic)
+    layers_rng = None if deterministic else self.make_rng('dropout')
+    if self.scan and not self.is_initializing():
+      x_BxTxD = self._scanned_layers(x_BxTxD, mask_BxT, deterministic, layers_rng)
+    else:
+      layer_cls = (nn.remat(TransformerLayer, static_argnums=(3,)) if self.remat
+                   else TransformerLayer)
+      for i in range(cfg.num_layers):
+        x_BxTxD = layer_cls(cfg, self.adapter, i, self.dtype, name=f'layer_{i}')(
+            x_BxTxD, mask_BxT, deterministic, _layer_rng(layers_rng, i))
     pooled_BxD = jnp.tanh(nn.Dense(cfg.hidden_size, dtype=self.dtype, name='pooler')(
         x_BxTxD[:, 0]))
     return {'last_hidden_state': x_BxTxD, 'pooled': pooled_BxD}
+
+  def _scanned_layers(self, x_BxTxD, mask_BxT, deterministic, layers_rng):
+    params = self.variables['params']
+    for first, last in _uniform_runs([params[f'layer_{i}'] for i in range(self.config.num_layers)]):
+      layer = TransformerLayer(self.config, self.adapter, first, self.dtype, parent=None)
+
+      def body(x, layer_params_and_index, layer=layer):
+        layer_params, i = layer_params_and_index
+        return layer.apply({'params': layer_params}, x, mask_BxT, deterministic,
+                           _layer_rng(layers_rng, i)), None
+
+      if self.remat:
+        body = jax.checkpoint(body)
+      stacked = jax.tree.map(lambda *xs: jnp.stack(xs),
+                             *[params[f'layer_{i}'] for i in range(first, last + 1)])
+      x_BxTxD, _ = jax.lax.scan(body, x_BxTxD, (stacked, jnp.arange(first, last + 1)))
+    return x_BxTxD
+
+
+def _layer_rng(layers_rng, index):
+  return None if layers_rng is None else jax.random.fold_in(layers_rng, index)
+
+
+def _uniform_runs(layer_params: list) -> list[tuple[int, int]]:
+  """(first, last) index of each maximal run of layers with identical parameter shapes
+  (layers differ where adapters sit in some layers only)."""
+  signature = lambda p: (jax.tree.structure(p),
+                         tuple((x.shape, x.dtype) for x in jax.tree.leaves(p)))
+  runs = []
+  for i, p in enumerate(layer_params):
+    if runs and signature(layer_params[runs[-1][0]]) == signature(p):
+      runs[-1] = (runs[-1][0], i)
+    else:
+      runs.append((i, i))
+  return runs

@@ -27,11 +27,12 @@ class TaskModel(nn.Module):
   num_outputs: int
   dtype: jnp.dtype = jnp.float32
   remat: bool = False
+  scan: bool = False  # Encoder.scan
 
   @nn.compact
   def __call__(self, input_ids_BxT, attention_mask_BxT, token_type_ids_BxT=None,
                deterministic: bool = True):
-    enc = Encoder(self.config, self.adapter, self.dtype, self.remat,
+    enc = Encoder(self.config, self.adapter, self.dtype, self.remat, self.scan,
                   name='encoder')(input_ids_BxT, attention_mask_BxT, token_type_ids_BxT,
                                   deterministic)
     drop = Dropout(self.config.hidden_dropout)

@@ -111,4 +111,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == '__main__':
+  from adapter_tuning import hugepages
+  hugepages.reexec()
   sys.exit(main())

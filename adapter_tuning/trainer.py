@@ -79,24 +79,28 @@ def build(config, workdir: pathlib.Path, with_train: bool = True) -> Setup:
   params = {'encoder': pre.params, 'head': head}
   rules = trainable_lib.resolve(config.trainable, pre.config.num_layers)
   model = TaskModel(pre.config, adapter, data.head, data.num_outputs, dtype=dtype,
-                    remat=config.model.remat)
+                    remat=config.model.remat, scan=config.model.scan_layers)
   return Setup(model, params, rules, pre, data, adapter)
 
 
 def length_buckets(config, data) -> tuple[tuple[int, ...], dict[str, tuple[int, ...]]]:
   """Padded lengths for training and for each eval split: at most data.num_buckets each.
 
-  data.fit_buckets picks them from the data (batching.fit_boundaries: least padding for
-  that many compiled shapes); otherwise they are geometric up to max_seq_length.
+  data.fit_buckets picks them from the data (batching.fit_boundaries: least padding plus
+  data.bucket_shape_cost positions per compiled shape); otherwise they are geometric up to
+  max_seq_length.
   """
   d = config.data
   geometric = batching.bucket_boundaries(d.max_seq_length, d.num_buckets,
                                          min_len=d.min_bucket_length)
   if not d.fit_buckets:
     return geometric, {name: geometric for name in data.evals}
-  fit = lambda maxima: batching.fit_boundaries(maxima, d.num_buckets, max_len=d.max_seq_length)
-  train = fit(batching.train_batch_maxima(data.train.input_ids, config.batch_size, config.seed))
-  evals = {name: fit(batching.eval_batch_maxima(split.input_ids, config.eval_batch_size))
+  fit = lambda maxima, rows: batching.fit_boundaries(
+      maxima, d.num_buckets, max_len=d.max_seq_length, shape_cost=d.bucket_shape_cost / rows)
+  train = fit(batching.train_batch_maxima(data.train.input_ids, config.batch_size, config.seed),
+              config.batch_size)
+  evals = {name: fit(batching.eval_batch_maxima(split.input_ids, config.eval_batch_size),
+                     config.eval_batch_size)
            if len(split) else geometric for name, split in data.evals.items()}
   return train, evals
 

@@ -43,6 +43,7 @@ def parse_args(argv=None):
   p.add_argument('--warmup', type=int, default=2)
   p.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
   p.add_argument('--remat', action='store_true')
+  p.add_argument('--scan', action='store_true', help='scan over the layer stack (Encoder.scan)')
   p.add_argument('--adapter_layers', default='', help='e.g. 6-11: adapters (and LNs) only there')
   return p.parse_args(argv)
 
@@ -86,7 +87,8 @@ def build(args):
   else:
     params['head'] = {'kernel': np.zeros((config.hidden_size, 2), np.float32),
                       'bias': np.zeros((2,), np.float32)}
-  model = TaskModel(config, adapter, 'classification', 2, dtype=dtype, remat=args.remat)
+  model = TaskModel(config, adapter, 'classification', 2, dtype=dtype, remat=args.remat,
+                    scan=args.scan)
   return model, params, rules, config, tu
 
 
@@ -152,7 +154,9 @@ def main(argv=None):
   result = {
       'tool': 'adapter_tuning', 'model': args.model, 'trainable': args.trainable,
       'adapter_size': args.adapter_size, 'batch_size': args.batch_size, 'seq_len': args.seq_len,
-      'dtype': args.dtype, 'remat': args.remat, 'adapter_layers': args.adapter_layers or 'all',
+      'dtype': args.dtype, 'remat': args.remat, 'scan': args.scan,
+      'huge_pages': 'glibc.malloc.hugetlb=1' in os.environ.get('GLIBC_TUNABLES', ''),
+      'adapter_layers': args.adapter_layers or 'all',
       'steps': args.steps, 'step_s_median': median, 'step_s_min': min(times),
       'examples_per_s': args.batch_size / median,
       'tokens_per_s': args.batch_size * args.seq_len / median,
@@ -171,5 +175,7 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
+  from adapter_tuning import hugepages
+  hugepages.reexec()  # as the trainer CLI does; ADAPTER_TUNING_NO_REEXEC=1 measures without
   os.environ.setdefault('XLA_FLAGS', '')
   main()

@@ -15,6 +15,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.checkpoint = 'bert-base-uncased'  # HF checkpoint directory or hub name (needs network)
   c.model.dtype = 'float32'                 # compute dtype: float32 | bfloat16 (params stay fp32)
   c.model.remat = False                     # rematerialise layers in backward (saves activation memory)
+  c.model.scan_layers = True                # lax.scan over identical layers (modeling.Encoder.scan)
   c.model.adapter = ml_collections.ConfigDict()
   c.model.adapter.size = 64                 # bottleneck width m (paper: 8, 64, 256)
   c.model.adapter.placement = 'houlsby'     # houlsby (2 per layer) | pfeiffer (FFN only) | none
@@ -45,6 +46,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.min_bucket_length = 0       # shortest bucket; 0 = buckets double up to max_seq_length
   c.data.fit_buckets = True          # pick the num_buckets lengths from the data (least padding);
                                      # false = geometric up to max_seq_length (min_bucket_length)
+  c.data.bucket_shape_cost = 8192    # fit_buckets: padded token positions a further compiled shape
+                                     # must save (its compile time over the time of one padded
+                                     # position; ~8k on 2 CPU cores); 0 = always num_buckets
   c.data.doc_stride = 128            # squad: stride between context windows
   c.data.max_query_length = 64       # squad: question tokens kept
   c.data.max_answer_length = 30      # squad: longest answer span considered at eval

@@ -196,6 +196,22 @@ def test_fit_boundaries_is_the_least_padding_choice():
     assert _padded(maxima, got) == brute
 
 
+def test_fit_boundaries_charges_each_shape_its_cost():
+  import itertools
+  rng = np.random.default_rng(2)
+  for _ in range(100):
+    maxima = rng.integers(1, 128, rng.integers(1, 30))
+    n, cost = int(rng.integers(1, 6)), float(rng.uniform(0, 200))
+    got = batching.fit_boundaries(maxima, n, shape_cost=cost)
+    cands = sorted({-(-int(m) // 8) * 8 for m in maxima})
+    brute = min(_padded(maxima, sorted(c) + [cands[-1]]) + (k + 1) * cost
+                for k in range(n) for c in itertools.combinations(cands[:-1], k))
+    assert len(got) <= n and _padded(maxima, got) + len(got) * cost == pytest.approx(brute)
+  # A shape that saves less padding than it costs is not worth compiling.
+  assert batching.fit_boundaries([8] * 3 + [64], 4, shape_cost=3 * 56 + 1) == (64,)
+  assert batching.fit_boundaries([8] * 3 + [64], 4, shape_cost=3 * 56 - 1) == (8, 64)
+
+
 def test_fit_boundaries_caps_at_max_len_and_beats_doubling_on_clustered_lengths():
   assert batching.fit_boundaries([100, 3], 2, max_len=100) == (8, 100)
   maxima = [9] * 50 + [20] * 30 + [40] * 5

@@ -1,7 +1,8 @@
 """Optimisations must not change numbers, and the backward pass does only what it must.
 
-Numbers: remat, the folded-head attention and the fused bias + GELU (hand-written VJP) are
-each compared with the plain formulation in whole training steps, dropout on.
+Numbers: remat, the layer scan, the folded-head attention and the fused bias + GELU
+(hand-written VJP) are each compared with the plain formulation in whole training steps,
+dropout on.
 
 Also checks DESIGN decision 3 in the compiled step: with the base frozen, XLA's FLOP count
 drops to ~2/3 of full fine-tuning (no weight gradients for frozen matmuls).
@@ -75,6 +76,23 @@ def test_remat_changes_nothing(setup):
   b_loss, b_params, _ = _run(*setup, rules, remat=True)
   np.testing.assert_allclose(a_loss, b_loss, rtol=1e-6)
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6), a_params, b_params)
+
+
+def test_scanned_layers_match_the_unrolled_stack(setup):
+  # Adapters sit in layers 3-5 only: two runs of identically shaped layers, two scans.
+  for rules in (tl.resolve('adapters', 6), TOP, tl.resolve('full', 6)):
+    a_loss, a_params, _ = _run(*setup, rules)
+    b_loss, b_params, _ = _run(*setup, rules, scan=True)
+    np.testing.assert_allclose(a_loss, b_loss, rtol=1e-6)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6), a_params, b_params)
+  c_loss, c_params, _ = _run(*setup, tl.resolve('adapters', 6), scan=True, remat=True)
+  np.testing.assert_allclose(a_loss, c_loss, rtol=1e-6)
+
+
+def test_uniform_runs_split_where_layer_shapes_change():
+  layer = lambda adapter: {'w': np.zeros((2, 2))} | ({'adapter': np.zeros(3)} if adapter else {})
+  runs = modeling._uniform_runs([layer(a) for a in (0, 0, 0, 1, 1, 0)])
+  assert runs == [(0, 2), (3, 4), (5, 5)]
 
 
 def test_backward_pass_stops_at_the_lowest_trained_layer(setup):

@@ -54,9 +54,14 @@ def bucket_boundaries(max_len: int, n: int = 4, multiple: int = 8,
 
 
 def fit_boundaries(batch_max_lengths: Sequence[int], n: int, multiple: int = 8,
-                   max_len: int | None = None) -> tuple[int, ...]:
+                   max_len: int | None = None, shape_cost: float = 0.0) -> tuple[int, ...]:
   """At most `n` lengths (multiples of `multiple`) that minimise the padded positions of
   batches with these longest rows; the last covers the longest (capped at `max_len`).
+
+  `shape_cost`: what one more length (one more compiled shape) costs, in padded length
+  summed over the batches (token positions / batch size). The count k <= n minimising
+  padded length + k * shape_cost wins, so a small split (a dev set) is not given shapes
+  whose compilation takes longer than the padding they save.
 
   Exact dynamic programme over the distinct rounded-up maxima (at most max_len / multiple
   of them). With the same number of compiled shapes it pads less than doubling buckets
@@ -82,7 +87,7 @@ def fit_boundaries(batch_max_lengths: Sequence[int], n: int, multiple: int = 8,
       cur[i], arg[i] = options[j], j
     best.append(cur)
     back.append(arg)
-  k = int(np.argmin([b[-1] for b in best]))
+  k = int(np.argmin([b[-1] + i * shape_cost for i, b in enumerate(best)]))
   bounds, i = [int(cands[-1])], len(cands) - 1
   for arg in reversed(back[:k]):
     i = int(arg[i])

@@ -1,0 +1,48 @@
+"""The huge-page re-exec: when it applies, the environment it sets, and that it happens."""
+
+import os
+import subprocess
+import sys
+
+from adapter_tuning import hugepages
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _thp(tmp_path, mode):
+  path = tmp_path / 'enabled'
+  path.write_text(mode)
+  return str(path)
+
+
+def test_wanted_only_where_the_kernel_gives_huge_pages_on_request(tmp_path):
+  if sys.platform != 'linux':
+    return
+  env = {}
+  assert hugepages.wanted(env, _thp(tmp_path, 'always [madvise] never\n'))
+  assert hugepages.wanted(env, _thp(tmp_path, '[always] madvise never\n'))
+  assert not hugepages.wanted(env, _thp(tmp_path, 'always madvise [never]\n'))
+  assert not hugepages.wanted(env, str(tmp_path / 'missing'))
+  madvise = _thp(tmp_path, 'always [madvise] never\n')
+  assert not hugepages.wanted({'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=0'}, madvise)
+  assert not hugepages.wanted({'ADAPTER_TUNING_NO_REEXEC': '1'}, madvise)
+
+
+def test_environment_keeps_other_tunables_and_marks_the_reexec():
+  env = hugepages.environment({'GLIBC_TUNABLES': 'glibc.malloc.arena_max=2', 'X': 'y'})
+  assert env['GLIBC_TUNABLES'] == 'glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1'
+  assert env['X'] == 'y' and env['ADAPTER_TUNING_NO_REEXEC'] == '1'
+  assert hugepages.environment({})['GLIBC_TUNABLES'] == 'glibc.malloc.hugetlb=1'
+
+
+def test_reexec_restarts_the_process_with_the_tunable():
+  """A process calling reexec() comes back (same arguments) with the tunable set."""
+  env = {k: v for k, v in os.environ.items()
+         if k not in ('GLIBC_TUNABLES', 'ADAPTER_TUNING_NO_REEXEC')}
+  probe = ('import os, sys; from adapter_tuning import hugepages; hugepages.reexec(); '
+           'print(os.environ.get("GLIBC_TUNABLES", ""), os.getpid(), sys.argv[1:])')
+  out = subprocess.run([sys.executable, '-c', probe, 'a', 'b'], env=env, cwd=ROOT,
+                       capture_output=True, text=True, timeout=60, check=True).stdout.split()
+  if hugepages.wanted(env):
+    assert out[0] == 'glibc.malloc.hugetlb=1'
+  assert out[-2:] == ["['a',", "'b']"]
