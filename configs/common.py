@@ -15,7 +15,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.checkpoint = 'bert-base-uncased'  # HF checkpoint directory or hub name (needs network)
   c.model.dtype = 'float32'                 # compute dtype: float32 | bfloat16 (params stay fp32)
   c.model.remat = False                     # rematerialise layers in backward (saves activation memory)
-  c.model.scan_layers = True                # lax.scan over identical layers (modeling.Encoder.scan)
+  c.model.scan_layers = False               # lax.scan over identical layers (modeling.Encoder.scan):
+                                            # compiles slower; faster steps on BERT-base (BENCHMARKS.md)
   c.model.adapter = ml_collections.ConfigDict()
   c.model.adapter.size = 64                 # bottleneck width m (paper: 8, 64, 256)
   c.model.adapter.placement = 'houlsby'     # houlsby (2 per layer) | pfeiffer (FFN only) | none
