@@ -240,7 +240,9 @@ class Encoder(nn.Module):
   Attributes:
     remat: rematerialise each layer in the backward pass (less memory, ~1/3 more compute).
     scan: run runs of identically shaped layers as one `lax.scan` over their stacked
-      parameters, so XLA compiles one layer body instead of num_layers copies. Parameters
+      parameters, so the program holds one layer body instead of num_layers copies.
+      Measured on XLA:CPU (BENCHMARKS.md): BERT-base steps faster, MiniLM steps and every
+      compile slower, so it is off by default (`model.scan_layers`). Parameters
       stay stored per layer (`layer_{i}`, as in Hugging Face checkpoints and artifacts); the
       stacking happens inside the jitted step. Numbers equal the unrolled stack (each layer
       draws its dropout key by folding its index into one key, in both forms;
@@ -281,7 +283,8 @@ class Encoder(nn.Module):
 
   def _scanned_layers(self, x_BxTxD, mask_BxT, deterministic, layers_rng):
     params = self.variables['params']
-    for first, last in _uniform_runs([params[f'layer_{i}'] for i in range(self.config.num_layers)]):
+    layers = [params[f'layer_{i}'] for i in range(self.config.num_layers)]
+    for first, last in _uniform_runs(layers):
       layer = TransformerLayer(self.config, self.adapter, first, self.dtype, parent=None)
 
       def body(x, layer_params_and_index, layer=layer):
