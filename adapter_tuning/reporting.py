@@ -17,7 +17,7 @@ import time
 
 @contextlib.contextmanager
 def _torch_hidden():
-  """tensorboardX imports torch at import time when it is installed (~1.2 s of start-up
+  """tensorboardX imports torch at import time when it is installed (~2 s of start-up
   here, on a job that never uses it: only scalars are written). A None entry in
   sys.modules makes that `import torch` fail fast, which tensorboardX handles."""
   if 'torch' in sys.modules:
