@@ -137,6 +137,7 @@ class Imported:
   trainable_rules: list
   name: str
   origin: dict  # what our own export recorded (task, max_seq_length, base); {} otherwise
+  pooling: str = 'pooler'  # TaskModel.pooling the head reads: pooler or cls
 
 
 def _names(paths) -> str:
@@ -237,7 +238,8 @@ def to_adapterhub(params: dict, meta: dict, config: ModelConfig, name: str,
             original_ln_after=True, residual_before_ln=True, scaling=1.0)
   top = {'hidden_size': d, 'model_class': MODEL_CLASS[prefix], 'model_name': base_name,
          'model_type': prefix, 'name': name, 'version': ADAPTERHUB_VERSION}
-  head_config, head_state = _head_to_adapterhub(head, meta, name, head_params, pooler)
+  head_config, head_state = _head_to_adapterhub(head, meta, name, head_params, pooler,
+                                                meta.get('pooling', 'pooler'))
   ln_state = hf_checkpoint.export_encoder_state(tu.unflatten_dict(ln_params)) if ln_params else None
   # Top-level extra keys are how AdapterHub itself stores meta_dict; its loader ignores them.
   origin = {'task': meta.get('task'), 'max_seq_length': meta.get('max_seq_length'),
@@ -248,8 +250,12 @@ def to_adapterhub(params: dict, meta: dict, config: ModelConfig, name: str,
       layer_norm_state=ln_state)
 
 
-def _head_to_adapterhub(head, meta, name, head_params, pooler):
+def _head_to_adapterhub(head, meta, name, head_params, pooler, pooling):
   kernel, bias = head_params['kernel'], head_params['bias']
+  if head != 'span' and pooling == 'mean':
+    raise UsageError('the artifact\'s head reads the mean over tokens (model.head.pooling=mean); '
+                     'AdapterHub heads read the pooler or [CLS]: train with pooling pooler or cls '
+                     'to export')
   if head == 'span':
     config = {'activation_function': 'tanh', 'dropout_prob': None,
               'head_type': 'question_answering', 'label2id': None, 'layers': 1, 'num_labels': 2}
@@ -262,7 +268,9 @@ def _head_to_adapterhub(head, meta, name, head_params, pooler):
             'head_type': 'classification',
             'label2id': {str(l): i for i, l in enumerate(labels)} if head == 'classification' else None,
             'layers': 1, 'num_labels': num, 'use_pooler': True}
-  if not pooler:
+  if pooling == 'cls':  # the [CLS] state itself; a trained pooler would be unused
+    config.update(use_pooler=False)
+  if pooling == 'cls' or not pooler:
     return config, {f'heads.{name}.1.weight': kernel.T, f'heads.{name}.1.bias': bias}
   # A trained pooler: AdapterHub's two-layer head on the raw [CLS] vector carries it.
   config.update(layers=2, use_pooler=False)
@@ -389,14 +397,14 @@ def from_adapterhub(files: AdapterHubFiles, config: ModelConfig) -> Imported:
   if files.layer_norm_state:
     flat.update(_layer_norms_from_state(files.layer_norm_state, config))
     rules.append(['layer_norm/', 'train'])
-  head, labels, num_outputs, head_flat = _head_from_adapterhub(files, config)
+  head, labels, num_outputs, head_flat, pooling = _head_from_adapterhub(files, config)
   flat.update(head_flat)
   if any(k[:2] == ('encoder', 'pooler') for k in head_flat):
     rules.append(['^encoder/pooler/', 'train'])
   rules += [['^head/', 'train'], ['.*', 'freeze']]
   params = tu.unflatten_dict({k: np.ascontiguousarray(v, np.float32) for k, v in flat.items()})
   return Imported(params, adapter, head, labels, num_outputs, rules, name,
-                  dict(cfg.get('adapter_tuning') or {}))
+                  dict(cfg.get('adapter_tuning') or {}), pooling)
 
 
 def _scale(scaling, stored, layer, site, d) -> np.ndarray:
@@ -460,7 +468,7 @@ def _layer_norms_from_state(state: dict, config: ModelConfig) -> dict:
 
 
 def _head_from_adapterhub(files: AdapterHubFiles, config: ModelConfig):
-  """(head kind, label names, num outputs, flat params) from head_config + head weights."""
+  """(head kind, label names, num outputs, flat params, pooling) from head_config + weights."""
   if files.head_config is None or files.head_state is None:
     raise UsageError('the AdapterHub folder has no prediction head (head_config.json and '
                      'head weights); save it with model.save_adapter(..., with_head=True)')
@@ -489,14 +497,16 @@ def _head_from_adapterhub(files: AdapterHubFiles, config: ModelConfig):
       raise UsageError(f'question answering head with layers={layers}, '
                        f'num_labels={hc.get("num_labels")}: only layers=1, 2 labels imports')
     flat[('head', 'kernel')], flat[('head', 'bias')] = linear(1, 2)
-    return 'span', [], 2, flat
+    return 'span', [], 2, flat, 'pooler'
   if kind != 'classification':
     raise UsageError(f'AdapterHub head type {kind!r} has no equivalent here; classification '
                      '(incl. regression) and question_answering heads import')
   num = int(hc.get('num_labels', 2))
   use_pooler, act = bool(hc.get('use_pooler')), hc.get('activation_function')
-  if layers == 1 and use_pooler:
+  pooling = 'pooler'
+  if layers == 1:  # on the pooler output, or on the [CLS] state (use_pooler=False)
     flat[('head', 'kernel')], flat[('head', 'bias')] = linear(1, num)
+    pooling = 'pooler' if use_pooler else 'cls'
   elif layers == 2 and not use_pooler and act == 'tanh':
     flat[('encoder', 'pooler', 'kernel')], flat[('encoder', 'pooler', 'bias')] = linear(1, d)
     flat[('head', 'kernel')], flat[('head', 'bias')] = linear(4, num)
@@ -504,12 +514,12 @@ def _head_from_adapterhub(files: AdapterHubFiles, config: ModelConfig):
     raise UsageError(
         f'classification head with layers={layers}, use_pooler={use_pooler}, '
         f'activation_function={act!r} does not fit a linear head on the pooled [CLS] output; '
-        'importable: layers=1 with use_pooler=True, or layers=2 with tanh and use_pooler=False')
+        'importable: layers=1, or layers=2 with tanh and use_pooler=False')
   if num == 1:
-    return 'regression', [], 1, flat
+    return 'regression', [], 1, flat, pooling
   label2id = hc.get('label2id') or {}
   if sorted(label2id.values()) == list(range(num)):
     labels = [l for l, _ in sorted(label2id.items(), key=lambda kv: kv[1])]
   else:
     labels = [f'LABEL_{i}' for i in range(num)]
-  return 'classification', labels, num, flat
+  return 'classification', labels, num, flat, pooling

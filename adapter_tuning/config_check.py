@@ -9,6 +9,7 @@ from __future__ import annotations
 import ml_collections
 
 from adapter_tuning.errors import UsageError
+from adapter_tuning.task_model import POOLINGS
 
 
 def _check_types(config: ml_collections.ConfigDict, reference: ml_collections.ConfigDict,
@@ -58,6 +59,9 @@ def validate(config: ml_collections.ConfigDict):
       (config.checkpoint_every_steps > 0, 'checkpoint_every_steps must be > 0'),
       (config.model.dtype in ('float32', 'bfloat16'),
        f'model.dtype must be float32 or bfloat16, got {config.model.dtype!r}'),
+      (config.model.head.pooling in POOLINGS,
+       f'model.head.pooling must be one of {", ".join(POOLINGS)}, got '
+       f'{config.model.head.pooling!r}'),
       (config.grad_clip_norm >= 0, 'grad_clip_norm must be >= 0 (0 = off)'),
   ]
   for ok, message in checks:

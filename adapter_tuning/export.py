@@ -218,6 +218,7 @@ def import_adapterhub(ah_dir: pathlib.Path, base: str, out: pathlib.Path,
   meta = {
       'task': name or imported.origin.get('task') or imported.name, 'head': imported.head,
       'label_names': imported.label_names, 'num_outputs': imported.num_outputs,
+      'pooling': imported.pooling,
       'adapter': dataclasses.asdict(imported.adapter),
       'trainable_rules': imported.trainable_rules,
       'base': {**identity, 'path': str(base_dir)},

@@ -92,10 +92,15 @@ class MultiTaskModel:
     if 'span' in heads and len(metas) > 1:
       raise UsageError('QA (span) adapters are served one at a time; pass it alone')
     self.head = 'span' if 'span' in heads else 'classification'
+    poolings = {m.get('pooling', 'pooler') for m in metas}
+    if len(poolings) > 1:
+      raise UsageError(f'cannot serve heads with different poolings {sorted(poolings)} in one '
+                       'pass (model.head.pooling of each run); run them separately')
     self.max_outputs = max(m['num_outputs'] for m in metas)
     self.tasks = [LoadedTask(m['task'], m['head'], tuple(m['label_names']), m['num_outputs'], d, m)
                   for d, m, _ in loaded]
-    self.model = TaskModel(self.pretrained.config, adapter, self.head, self.max_outputs)
+    self.model = TaskModel(self.pretrained.config, adapter, self.head, self.max_outputs,
+                           pooling=poolings.pop())
     self._build_params([p for _, _, p in loaded])
     self._forward = jax.jit(self._forward_impl)
 

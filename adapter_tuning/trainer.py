@@ -28,7 +28,7 @@ from adapter_tuning.data import batching
 from adapter_tuning.errors import RunFailure, UsageError
 from adapter_tuning.reporting import Reporter
 from adapter_tuning.task_data import load_task_data
-from adapter_tuning.task_model import TaskModel
+from adapter_tuning.task_model import TargetScale, TaskModel
 
 
 @dataclasses.dataclass
@@ -41,6 +41,7 @@ class Setup:
   pretrained: object
   data: object
   adapter: AdapterConfig | None
+  target_scale: TargetScale  # regression targets' train-split scale (identity otherwise)
 
 
 def adapter_config(config) -> AdapterConfig | None:
@@ -79,8 +80,19 @@ def build(config, workdir: pathlib.Path, with_train: bool = True) -> Setup:
   params = {'encoder': pre.params, 'head': head}
   rules = trainable_lib.resolve(config.trainable, pre.config.num_layers)
   model = TaskModel(pre.config, adapter, data.head, data.num_outputs, dtype=dtype,
-                    remat=config.model.remat, scan=config.model.scan_layers)
-  return Setup(model, params, rules, pre, data, adapter)
+                    remat=config.model.remat, scan=config.model.scan_layers,
+                    pooling=config.model.head.pooling)
+  scale = TargetScale()
+  if data.head == 'regression' and config.model.head.standardize_targets and with_train:
+    scale = TargetScale.from_labels(data.train.labels['labels'])
+  return Setup(model, params, rules, pre, data, adapter, scale)
+
+
+def with_raw_head(params: dict, scale: TargetScale) -> dict:
+  """Trainable or full params with the head moved from the standardised to the raw scale."""
+  if 'head' not in params or scale == TargetScale():
+    return params
+  return {**params, 'head': scale.fold(params['head'])}
 
 
 def length_buckets(config, data) -> tuple[tuple[int, ...], dict[str, tuple[int, ...]]]:
@@ -188,6 +200,8 @@ def train_and_evaluate(config, workdir, overwrite: bool = False) -> dict:
   counts = trainable_lib.summary(setup.params, rules)
 
   train_labels = _label_array(data.train)
+  if data.head == 'regression':
+    train_labels = setup.target_scale.standardize(train_labels)
   steps_per_epoch = batching.num_train_batches(len(data.train), config.batch_size)
   if steps_per_epoch == 0:
     raise UsageError(f'the training split has {len(data.train)} examples, fewer than one batch '
@@ -251,10 +265,12 @@ def train_and_evaluate(config, workdir, overwrite: bool = False) -> dict:
     reporter.log(f'resumed from the checkpoint at step {step}')
 
   def evaluate(params_dev, at_step):
-    full = trainable_lib.merge(params_dev, frozen_dev)  # references, no copy of the base
+    full = with_raw_head(trainable_lib.merge(params_dev, frozen_dev), setup.target_scale)
     results = evaluation.evaluate_all(eval_step, full, data, config, eval_bounds, shard,
                                          setup.pretrained.tokenizer.pad_id)
     reporter.write(at_step, results.metrics)
+    for warning in results.warnings:
+      reporter.log(f'warning: {warning}')
     reporter.log(f'eval at step {at_step}: ' + ', '.join(
         f'{k.split("/", 1)[1]} {v:.4f}' for k, v in results.metrics.items()))
     if is_main:
@@ -325,11 +341,13 @@ def train_and_evaluate(config, workdir, overwrite: bool = False) -> dict:
   pool.shutdown(cancel_futures=True)
   ckpt.close()
 
-  trained = parallel.to_host(state['params'])
+  trained = with_raw_head(parallel.to_host(state['params']), setup.target_scale)
   if is_main:
     artifact.save(workdir / 'adapter', trained, {
         'task': data.task, 'head': data.head, 'label_names': list(data.label_names),
         'num_outputs': data.num_outputs, 'metric_names': list(data.metric_names),
+        'pooling': config.model.head.pooling,
+        'target_scale': dataclasses.asdict(setup.target_scale),  # already folded into head/*
         'adapter': dataclasses.asdict(setup.adapter) if setup.adapter else None,
         'trainable_rules': [list(r) for r in rules],
         'base': {**base_identity, 'path': str(setup.pretrained.directory)},

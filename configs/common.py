@@ -25,6 +25,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.adapter.layers = ml_collections.FieldReference(None, field_type=tuple)  # layer indices with adapters; None or () = all
   c.model.adapter.original_ln_before = False  # adapter reads LN(x + h), LN again after (AdapterHub SeqBnConfig default)
 
+  c.model.head = ml_collections.ConfigDict()
+  c.model.head.pooling = 'pooler'           # sentence vector of classification/regression heads:
+                                            # pooler (tanh over [CLS], the paper) | cls ([CLS]
+                                            # state) | mean (over tokens; sentence-transformers)
+  c.model.head.standardize_targets = True   # regression: learn (y - mean) / std of the train
+                                            # split, folded back into the head for eval/artifact
+
   # What trains: adapters (adapters + all layer norms + head, the paper) | full | head | top:K,
   # or a tuple of (regex over '/'-joined param paths, 'train' | 'freeze') rules, first match wins.
   c.trainable = ml_collections.FieldReference('adapters', field_type=object)

@@ -65,7 +65,7 @@ def _cli(*args):
 
 
 def _make_artifact(base, directory, rules='adapters', adapter=None, head='classification',
-                   seed=1):
+                   seed=1, pooling='pooler'):
   """What the trainer would write, without training: random adapters, LayerNorms and head.
 
   Weights are large enough (here and in the base: initializer_range 0.2) that e.g. exact vs
@@ -91,7 +91,7 @@ def _make_artifact(base, directory, rules='adapters', adapter=None, head='classi
       'label_names': labels, 'num_outputs': n,
       'adapter': dataclasses.asdict(pre.adapter),
       'trainable_rules': [list(r) for r in resolved],
-      'base': {**pre.identity, 'path': str(base)}, 'max_seq_length': 32})
+      'base': {**pre.identity, 'path': str(base)}, 'max_seq_length': 32, 'pooling': pooling})
   return directory
 
 
@@ -135,6 +135,36 @@ def test_export_loads_in_adapterhub_with_same_logits(base, batch, tmp_path):
   assert np.abs(ours - without_ln).max() > 1e-2  # the trained LayerNorms matter
   assert model.heads[name].config['label2id'] == {'entailment': 0, 'neutral': 1,
                                                   'contradiction': 2}
+
+
+def test_cls_pooling_head_exports_and_imports_with_same_logits(base, batch, tmp_path, capsys):
+  """model.head.pooling=cls is AdapterHub's use_pooler=False head; mean has no equivalent."""
+  art = _make_artifact(base, tmp_path / 'artifact', pooling='cls')
+  out = tmp_path / 'ah'
+  assert _cli('--adapter', art, '--format', 'adapterhub', '--output', out) == 0
+  head_config = json.loads((out / 'head_config.json').read_text())['config']
+  assert (head_config['layers'], head_config['use_pooler']) == (1, False)
+  ours, _ = _ours([art], batch)
+  model, _ = _load_in_adapterhub(base, out)
+  theirs = _torch_logits(model, batch)
+  diff = float(np.abs(ours - theirs).max())
+  with capsys.disabled():
+    print(f'export cls pooling: max |logit difference| = {diff:.2e}')
+  assert diff < TOL
+  back = tmp_path / 'back'
+  assert _cli('--adapter', out, '--format', 'adapterhub', '--to_artifact', '--base', base,
+              '--output', back) == 0
+  assert artifact.load(back)[0]['pooling'] == 'cls'
+  assert float(np.abs(_ours([back], batch)[0] - theirs).max()) < TOL
+  with pytest.raises(UsageError):  # one pass cannot mix poolings
+    MultiTaskModel([art, _make_artifact(base, tmp_path / 'pooler_art')])
+
+  mean_art = _make_artifact(base, tmp_path / 'mean_art', pooling='mean')
+  capsys.readouterr()
+  assert _cli('--adapter', mean_art, '--format', 'adapterhub', '--output', tmp_path / 'x') == 2
+  err = capsys.readouterr().err
+  assert 'pooling=mean' in err and len(err.strip().splitlines()) == 1
+  assert not (tmp_path / 'x').exists()
 
 
 def test_roberta_pfeiffer_with_trained_pooler_round_trip(tmp_path, capsys):
