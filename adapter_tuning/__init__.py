@@ -10,9 +10,9 @@ __all__ = ['load_pretrained', 'Pretrained', 'AdapterConfig']
 
 def __getattr__(name):
   if name in ('load_pretrained', 'Pretrained'):
-    from adapter_tuning import pretrained
+    from adapter_tuning.interop import pretrained
     return getattr(pretrained, name)
   if name == 'AdapterConfig':
-    from adapter_tuning.adapters import AdapterConfig
+    from adapter_tuning.peft.bottleneck import AdapterConfig
     return AdapterConfig
   raise AttributeError(name)

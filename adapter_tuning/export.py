@@ -64,8 +64,8 @@ flags.DEFINE_bool('verbose', False, 'Show tracebacks for errors.', flag_values=F
 
 
 def _base_dir(path_or_name: str, hint: str) -> pathlib.Path:
-  from adapter_tuning import hf_checkpoint
   from adapter_tuning.errors import UsageError
+  from adapter_tuning.interop import hf_checkpoint
   try:
     return hf_checkpoint.resolve_checkpoint(path_or_name)
   except UsageError as e:
@@ -73,7 +73,7 @@ def _base_dir(path_or_name: str, hint: str) -> pathlib.Path:
 
 
 def _weight_keys(directory: pathlib.Path) -> set:
-  from adapter_tuning import hf_checkpoint
+  from adapter_tuning.interop import hf_checkpoint
   keys = set()
   for f in hf_checkpoint.weight_files(directory):
     if f.suffix == '.safetensors':
@@ -95,7 +95,7 @@ def write_adapterhub(files, out: pathlib.Path):
   """Writes AdapterHubFiles the way save_adapter does (.bin when torch is available)."""
   from safetensors.numpy import save_file
 
-  from adapter_tuning import adapterhub as ah
+  from adapter_tuning.interop import adapterhub as ah
   tmp = out.with_name(out.name + '.tmp')
   shutil.rmtree(tmp, ignore_errors=True)
   tmp.mkdir(parents=True)
@@ -115,16 +115,16 @@ def write_adapterhub(files, out: pathlib.Path):
     save_file({k: np.ascontiguousarray(v, np.float32) for k, v in files.layer_norm_state.items()},
               str(tmp / ah.LAYER_NORMS))
   (tmp / 'README.md').write_text(ah.readme(files))
-  from adapter_tuning.artifact import replace_dir
+  from adapter_tuning.interop.artifact import replace_dir
   replace_dir(tmp, out)
   return torch is not None
 
 
 def read_adapterhub(directory: pathlib.Path):
   """AdapterHubFiles from a folder written by save_adapter (safetensors preferred)."""
-  from adapter_tuning import adapterhub as ah
-  from adapter_tuning import hf_checkpoint
   from adapter_tuning.errors import UsageError
+  from adapter_tuning.interop import adapterhub as ah
+  from adapter_tuning.interop import hf_checkpoint
 
   def load(names):
     for n in names:
@@ -158,9 +158,9 @@ def read_adapterhub(directory: pathlib.Path):
 def export_artifact(artifact_dir: pathlib.Path, out: pathlib.Path, name: str | None = None,
                     base: str | None = None, overwrite: bool = False) -> str:
   """Artifact -> AdapterHub folder; returns a one-paragraph summary."""
-  from adapter_tuning import adapterhub as ah
-  from adapter_tuning import artifact, hf_checkpoint
   from adapter_tuning.errors import UsageError
+  from adapter_tuning.interop import adapterhub as ah
+  from adapter_tuning.interop import artifact, hf_checkpoint
   _check_output(out, overwrite)
   meta, params = artifact.load(artifact_dir)
   recorded = (meta.get('base') or {}).get('path')
@@ -193,9 +193,9 @@ def import_adapterhub(ah_dir: pathlib.Path, base: str, out: pathlib.Path,
   """AdapterHub folder -> artifact on `base`; returns a one-line summary."""
   import dataclasses
 
-  from adapter_tuning import adapterhub as ah
-  from adapter_tuning import artifact, hf_checkpoint
   from adapter_tuning.errors import UsageError
+  from adapter_tuning.interop import adapterhub as ah
+  from adapter_tuning.interop import artifact, hf_checkpoint
   if not base:
     raise UsageError('--to_artifact needs --base: the checkpoint the AdapterHub adapter was '
                      'trained on')

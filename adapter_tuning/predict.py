@@ -168,7 +168,7 @@ def _read_ax(glue_dir: pathlib.Path):
 
 def _run():
   from adapter_tuning.errors import UsageError
-  from adapter_tuning.multitask import MultiTaskModel
+  from adapter_tuning.serving.multi_adapter import MultiTaskModel
   if not FLAGS.adapter:
     raise UsageError('--adapter is required (one artifact folder, or several comma-separated)')
   if not FLAGS.glue_submission and not (FLAGS.input and FLAGS.output):
@@ -213,6 +213,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == '__main__':
-  from adapter_tuning import hugepages
+  from adapter_tuning.training import hugepages
   hugepages.reexec()
   sys.exit(main())

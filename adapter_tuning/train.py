@@ -60,12 +60,12 @@ def _run():
   if FLAGS.compilation_cache:
     jax.config.update('jax_compilation_cache_dir', FLAGS.compilation_cache)
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
-  from adapter_tuning.trainer import train_and_evaluate
+  from adapter_tuning.training.trainer import train_and_evaluate
   train_and_evaluate(FLAGS.config, FLAGS.workdir, overwrite=FLAGS.overwrite)
 
 
-def _config_import_path(argv):
-  """Config files import `configs.common`: make the folder above configs/ importable."""
+def _check_config_path(argv):
+  """A missing config file is a one-line error here, before absl prints its traceback."""
   for i, arg in enumerate(argv):
     path = arg.split('=', 1)[1] if arg.startswith('--config=') else (
         argv[i + 1] if arg == '--config' and i + 1 < len(argv) else None)
@@ -73,30 +73,23 @@ def _config_import_path(argv):
       print(f'error: config file {path} does not exist; pass e.g. --config configs/glue_sst2.py',
             file=sys.stderr)
       sys.exit(2)
-    if path:
-      root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
-      if root not in sys.path:
-        sys.path.insert(0, root)
-  here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  if here not in sys.path:
-    sys.path.append(here)
 
 
 def main(argv=None) -> int:
   argv = list(sys.argv if argv is None else argv)
-  _config_import_path(argv)
+  _check_config_path(argv)
   verbose = '--verbose' in argv
   from adapter_tuning.cli import run_guarded
   try:
     FLAGS(argv)
     FLAGS.config.keys()  # a config file that failed to load raises here, not at parse time
   except flags.Error as e:
-    print(f'error: {str(e).splitlines()[0]}; see configs/common.py for keys and types',
+    print(f'error: {str(e).splitlines()[0]}; see adapter_tuning/config.py for keys and types',
           file=sys.stderr)
     return 2
   except (AttributeError, KeyError) as e:  # ml_collections: an unknown key in an override
     detail = ' '.join(str(e).replace('\\n', ' ').replace('\\', '').replace("'", '').split())
-    print(f'error: unknown config key in an override: {detail}; see configs/common.py',
+    print(f'error: unknown config key in an override: {detail}; see adapter_tuning/config.py',
           file=sys.stderr)
     return 2
   except Exception as e:  # pylint: disable=broad-except  # a config file that fails to load
@@ -111,6 +104,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == '__main__':
-  from adapter_tuning import hugepages
+  from adapter_tuning.training import hugepages
   hugepages.reexec()
   sys.exit(main())

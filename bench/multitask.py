@@ -26,8 +26,9 @@ def _make_artifacts(model_dir, k, size, root):
   import jax
   import numpy as np
 
-  from adapter_tuning import artifact, trainable as tl
-  from adapter_tuning.pretrained import load_pretrained
+  from adapter_tuning.interop import artifact
+  from adapter_tuning.interop.pretrained import load_pretrained
+  from adapter_tuning.training import trainable as tl
   pre = load_pretrained(model_dir, {'size': size})
   rng = np.random.default_rng(0)
   dirs = []
@@ -68,7 +69,7 @@ def main():
   args = p.parse_args()
   import numpy as np
 
-  from adapter_tuning.multitask import MultiTaskModel
+  from adapter_tuning.serving.multi_adapter import MultiTaskModel
   with tempfile.TemporaryDirectory() as tmp:
     dirs = _make_artifacts(args.model, args.tasks, args.adapter_size, pathlib.Path(tmp))
     single = MultiTaskModel(dirs[:1])

@@ -5,7 +5,7 @@
 `--model bert-base` is BERT-base geometry with random weights (speed does not depend on the
 weights); a directory loads that checkpoint. Inputs are random token ids of a fixed length,
 as in the peer benchmark (../shared/bench/peer_adapterhub.py). The step is exactly the
-trainer's (`adapter_tuning.steps.make_train_step`): the trainable subtree alone is
+trainer's (`adapter_tuning.training.steps.make_train_step`): the trainable subtree alone is
 differentiated, its state donated.
 
 FLOP model (per token, N = matmul params of the encoder, L layers, T tokens, d hidden):
@@ -54,10 +54,10 @@ def build(args):
   import jax.numpy as jnp
   import numpy as np
 
-  from adapter_tuning import trainable as tl
-  from adapter_tuning.adapters import AdapterConfig
-  from adapter_tuning.modeling import ModelConfig
-  from adapter_tuning.task_model import TaskModel
+  from adapter_tuning.models.encoder import ModelConfig
+  from adapter_tuning.models.heads import TaskModel
+  from adapter_tuning.peft.bottleneck import AdapterConfig
+  from adapter_tuning.training import trainable as tl
 
   adapter = None
   layers = None
@@ -70,7 +70,7 @@ def build(args):
     config = ModelConfig()
     params = None
   else:
-    from adapter_tuning.pretrained import load_pretrained
+    from adapter_tuning.interop.pretrained import load_pretrained
     pre = load_pretrained(args.model, adapter)
     config, params = pre.config, {'encoder': pre.params}
   dtype = jnp.bfloat16 if args.dtype == 'bfloat16' else jnp.float32
@@ -111,8 +111,8 @@ def main(argv=None):
   import ml_collections
   import numpy as np
 
-  from adapter_tuning import steps, trainable as tl
-  from adapter_tuning.optim import make_optimizer
+  from adapter_tuning.training import steps, trainable as tl
+  from adapter_tuning.training.optim import make_optimizer
 
   model, params, rules, config, tu = build(args)
   train_p, frozen_p = tl.split(params, rules)
@@ -175,7 +175,7 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-  from adapter_tuning import hugepages
+  from adapter_tuning.training import hugepages
   hugepages.reexec()  # as the trainer CLI does; ADAPTER_TUNING_NO_REEXEC=1 measures without
   os.environ.setdefault('XLA_FLAGS', '')
   main()

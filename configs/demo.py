@@ -4,11 +4,11 @@ A tiny BERT-shaped checkpoint (random weights, frozen) and a text task are gener
 the workdir; Houlsby adapters + layer norms + head learn to find the opinion word.
 """
 
-from configs import common
+from adapter_tuning import config as defaults
 
 
 def get_config():
-  config = common.get_config()
+  config = defaults.get_config()
   config.model.checkpoint = ''     # '' + task demo: generate the tiny base in the workdir
   config.model.adapter.size = 32
   config.data.task = 'demo'

@@ -5,11 +5,11 @@ Offline, train and evaluate on held-out articles of one SQuAD-format file:
   --config.data.eval_file=../shared/data/squad/dev-v1.1.json --config.data.holdout_articles=0.2
 """
 
-from configs import common
+from adapter_tuning import config as defaults
 
 
 def get_config():
-  config = common.get_config()
+  config = defaults.get_config()
   config.data.task = 'squad'
   config.data.source = 'tfds'
   config.data.max_seq_length = 384

@@ -5,11 +5,12 @@
 Uses ../shared (the MiniLM checkpoint and the GLUE TSVs); 200 steps of 32 per run.
 """
 
-from configs import glue_sst2
+from adapter_tuning import config as defaults
 
 
 def get_config():
-  config = glue_sst2.get_config()
+  config = defaults.get_config()
+  config.data.task = 'glue/sst2'
   config.model.checkpoint = '../shared/models/all-MiniLM-L6-v2'
   config.data.source = 'glue_dir'
   config.data.data_dir = '../shared/data/glue'

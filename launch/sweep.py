@@ -52,13 +52,6 @@ NAMED_KEYS = ('trainable', 'model.adapter.size', 'model.adapter.placement', 'lea
 # Configs: loading, overriding, and the command-line form of an override.
 
 
-def _importable(config_path: str):
-  """Config files import `configs.common`: the folder above configs/ and this repo."""
-  for root in (str(pathlib.Path(config_path).resolve().parent.parent), str(ROOT)):
-    if root not in sys.path:
-      sys.path.append(root)
-
-
 def load_sweep(config_path: str) -> list:
   spec = importlib.util.spec_from_file_location('_sweep_config', config_path)
   module = importlib.util.module_from_spec(spec)
@@ -200,7 +193,6 @@ class Run:
 
 def expand(config_path: str, extras: list[str], seeds: list[int] | None) -> list[Run]:
   """The sweep's runs in order (entries x seeds), validated against the config."""
-  _importable(config_path)
   entries = load_sweep(config_path)
   config_extras = [a for a in extras if a.startswith('--config.')]
   for arg in config_extras:

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adapter_tuning.activations import bias_gelu, gelu_exact
+from adapter_tuning.models.activations import bias_gelu, gelu_exact
 
 
 def _plain(y, b):

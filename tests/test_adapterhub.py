@@ -14,10 +14,11 @@ torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
 adapters = pytest.importorskip('adapters')
 
-from adapter_tuning import artifact, export, load_pretrained  # noqa: E402
-from adapter_tuning import trainable as trainable_lib  # noqa: E402
+from adapter_tuning import export, load_pretrained  # noqa: E402
 from adapter_tuning.errors import UsageError  # noqa: E402
-from adapter_tuning.multitask import MultiTaskModel, union_adapter  # noqa: E402
+from adapter_tuning.interop import artifact
+from adapter_tuning.serving.multi_adapter import MultiTaskModel, union_adapter  # noqa: E402
+from adapter_tuning.training import trainable as trainable_lib  # noqa: E402
 
 VOCAB = ['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]'] + [f'w{i}' for i in range(59)]
 TOL = 1e-4

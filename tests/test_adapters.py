@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from adapter_tuning import load_pretrained
-from adapter_tuning.adapters import AdapterConfig, adapter_param_count
 from adapter_tuning.errors import UsageError
+from adapter_tuning.peft.bottleneck import AdapterConfig, adapter_param_count
 
 TEXTS = ['a short sentence', 'another, somewhat longer sentence with more tokens in it']
 

@@ -4,7 +4,7 @@ import os
 import subprocess
 import sys
 
-from adapter_tuning import hugepages
+from adapter_tuning.training import hugepages
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -7,7 +7,7 @@ import pytest
 import scipy.stats
 import sklearn.metrics
 
-from adapter_tuning import metrics
+from adapter_tuning.data import metrics
 from adapter_tuning.errors import UsageError
 
 

@@ -4,8 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adapter_tuning import precompile
 from adapter_tuning.data import batching
+from adapter_tuning.training import precompile
 
 
 def test_prepared_shapes_run_compiled_ahead_and_others_fall_back():

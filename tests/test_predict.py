@@ -10,14 +10,15 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from adapter_tuning import artifact, demo
-from adapter_tuning import trainable as tl
+from adapter_tuning.data import demo
 from adapter_tuning.errors import UsageError
-from adapter_tuning.multitask import MultiTaskModel
+from adapter_tuning.interop import artifact
+from adapter_tuning.models.heads import TaskModel
 from adapter_tuning.predict import predict_rows, write_glue_submission
-from adapter_tuning.task_model import TaskModel
-from adapter_tuning.trainer import train_and_evaluate
-from configs import common
+from adapter_tuning.serving.multi_adapter import MultiTaskModel
+from adapter_tuning.training import trainable as tl
+from adapter_tuning.training.trainer import train_and_evaluate
+from adapter_tuning import config as common
 from conftest import GLUE_DIR
 from helpers import ROOT
 
@@ -73,8 +74,8 @@ def test_sequential_tasks_leave_earlier_artifacts_untouched(runs):
 def _reference(adapter_dir):
   """One task alone, with the plain TaskModel (no routing machinery): a logits function."""
   import jax
-  from adapter_tuning.adapters import AdapterConfig
-  from adapter_tuning.pretrained import load_pretrained
+  from adapter_tuning.interop.pretrained import load_pretrained
+  from adapter_tuning.peft.bottleneck import AdapterConfig
   meta, trained = artifact.load(adapter_dir)
   pre = load_pretrained(meta['base']['path'], AdapterConfig.from_any(meta['adapter']))
   model = TaskModel(pre.config, pre.adapter, 'classification', meta['num_outputs'])

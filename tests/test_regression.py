@@ -6,11 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from adapter_tuning import demo
-from adapter_tuning.evaluation import constant_predictions
-from adapter_tuning.task_model import TargetScale, pool
-from adapter_tuning.trainer import train_and_evaluate
-from configs import common
+from adapter_tuning.data import demo
+from adapter_tuning.models.heads import TargetScale, pool
+from adapter_tuning.training.evaluation import constant_predictions
+from adapter_tuning.training.trainer import train_and_evaluate
+from adapter_tuning import config as common
 from conftest import GLUE_DIR, MINILM
 
 

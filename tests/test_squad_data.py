@@ -32,7 +32,7 @@ def subset(dev):
 
 @pytest.fixture(scope='module')
 def tok():
-  from adapter_tuning import tokenization
+  from adapter_tuning.interop import tokenization
   return tokenization.load_tokenizer(MINILM, 'bert', pad_id=0)
 
 

@@ -4,7 +4,7 @@ import pathlib
 
 import pytest
 
-from adapter_tuning import squad_metrics as sm
+from adapter_tuning.data import squad_metrics as sm
 
 SQUAD_DEV = (pathlib.Path(__file__).resolve().parents[1].parent / 'shared' / 'data' / 'squad'
              / 'dev-v1.1.json')

@@ -13,11 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from adapter_tuning import activations, modeling, steps, trainable as tl
-from adapter_tuning.optim import make_optimizer
-from adapter_tuning.pretrained import load_pretrained
-from adapter_tuning.task_model import TaskModel
-from configs import common
+from adapter_tuning.interop.pretrained import load_pretrained
+from adapter_tuning.models import activations, encoder as modeling
+from adapter_tuning.models.heads import TaskModel
+from adapter_tuning.training import steps, trainable as tl
+from adapter_tuning.training.optim import make_optimizer
+from adapter_tuning import config as common
 
 
 @pytest.fixture(scope='module')

@@ -5,9 +5,9 @@ import json
 import pytest
 import tensorflow_datasets as tfds
 
-from adapter_tuning import demo
-from adapter_tuning.trainer import train_and_evaluate
-from configs import common
+from adapter_tuning.data import demo
+from adapter_tuning.training.trainer import train_and_evaluate
+from adapter_tuning import config as common
 
 
 @pytest.fixture(scope='module')

@@ -3,8 +3,8 @@
 import json
 import re
 
-from adapter_tuning import demo
-from adapter_tuning.trainer import train_and_evaluate
+from adapter_tuning.data import demo
+from adapter_tuning.training.trainer import train_and_evaluate
 from configs import squad as squad_config
 from conftest import SQUAD_DEV
 

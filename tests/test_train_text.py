@@ -2,9 +2,9 @@
 
 import json
 
-from adapter_tuning import demo
-from adapter_tuning.trainer import train_and_evaluate
-from configs import common
+from adapter_tuning.data import demo
+from adapter_tuning.training.trainer import train_and_evaluate
+from adapter_tuning import config as common
 
 
 def test_csv_task_end_to_end(tmp_path):

@@ -4,9 +4,9 @@ import numpy as np
 import optax
 import pytest
 
-from adapter_tuning import trainable as tl
 from adapter_tuning.errors import UsageError
-from adapter_tuning.optim import decay_mask, learning_rate_schedule
+from adapter_tuning.training import trainable as tl
+from adapter_tuning.training.optim import decay_mask, learning_rate_schedule
 
 PARAMS = {
     'encoder': {

@@ -42,7 +42,7 @@ def test_artifact_holds_only_the_trainable_subtree(demo_run):
     assert '_adapter/' in key or 'layer_norm/' in key or key.startswith('head/'), key
   assert any('_adapter/' in k for k in weights)
   # The frozen base on disk is untouched by training (it is never written).
-  from adapter_tuning.pretrained import load_pretrained
+  from adapter_tuning.interop.pretrained import load_pretrained
   base = load_pretrained(workdir / 'demo_base')
   assert base.identity['sha256'] == json.loads(
       (workdir / 'adapter' / 'config.json').read_text())['base']['sha256']
@@ -50,11 +50,11 @@ def test_artifact_holds_only_the_trainable_subtree(demo_run):
 
 def test_frozen_params_bit_identical_and_no_optimizer_state_for_them(minilm_dir):
   import jax
-  from adapter_tuning import steps, trainable
-  from adapter_tuning.optim import make_optimizer
-  from adapter_tuning.pretrained import load_pretrained
-  from adapter_tuning.task_model import TaskModel
-  from configs import common
+  from adapter_tuning.interop.pretrained import load_pretrained
+  from adapter_tuning.models.heads import TaskModel
+  from adapter_tuning.training import steps, trainable
+  from adapter_tuning.training.optim import make_optimizer
+  from adapter_tuning import config as common
   config = common.get_config()
   pre = load_pretrained(minilm_dir, adapter={'size': 8})
   params = {'encoder': pre.params,

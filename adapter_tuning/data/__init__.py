@@ -1,1 +1,2 @@
-"""Data sources -> raw examples (GLUE, text files) and tokenized examples -> fixed-shape batches."""
+"""Every task's data: sources (GLUE, text files, SQuAD, demo) -> tokenized TaskData -> batches,
+and the official metrics that score the predictions."""

@@ -19,16 +19,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adapter_tuning import artifact, evaluation, parallel, precompile, steps
-from adapter_tuning import trainable as trainable_lib
-from adapter_tuning.adapters import AdapterConfig
-from adapter_tuning.checkpointing import Checkpointer
-from adapter_tuning.config_check import validate
+from adapter_tuning.config import validate
 from adapter_tuning.data import batching
+from adapter_tuning.data.tasks import load_task_data
 from adapter_tuning.errors import RunFailure, UsageError
-from adapter_tuning.reporting import Reporter
-from adapter_tuning.task_data import load_task_data
-from adapter_tuning.task_model import TargetScale, TaskModel
+from adapter_tuning.interop import artifact
+from adapter_tuning.models.heads import TargetScale, TaskModel
+from adapter_tuning.peft.bottleneck import AdapterConfig
+from adapter_tuning.training import evaluation, parallel, precompile, steps
+from adapter_tuning.training import trainable as trainable_lib
+from adapter_tuning.training.checkpointing import Checkpointer
+from adapter_tuning.training.reporting import Reporter
 
 
 @dataclasses.dataclass
@@ -56,7 +57,7 @@ def adapter_config(config) -> AdapterConfig | None:
 
 def resolve_checkpoint_path(config, workdir: pathlib.Path) -> str:
   if config.data.task == 'demo' and not config.model.checkpoint:
-    from adapter_tuning import demo
+    from adapter_tuning.data import demo
     return str(demo.ensure_checkpoint(workdir / 'demo_base'))
   if not config.model.checkpoint:
     raise UsageError('model.checkpoint is empty; set it to a Hugging Face checkpoint '
@@ -65,7 +66,7 @@ def resolve_checkpoint_path(config, workdir: pathlib.Path) -> str:
 
 
 def build(config, workdir: pathlib.Path, with_train: bool = True) -> Setup:
-  from adapter_tuning.pretrained import load_pretrained
+  from adapter_tuning.interop.pretrained import load_pretrained
   adapter = adapter_config(config)
   dtype = jnp.bfloat16 if config.model.dtype == 'bfloat16' else jnp.float32
   pre = load_pretrained(resolve_checkpoint_path(config, workdir), adapter, dtype=dtype)
@@ -209,7 +210,7 @@ def train_and_evaluate(config, workdir, overwrite: bool = False) -> dict:
   total_steps = num_steps_for(config, steps_per_epoch)
   train_bounds, eval_bounds = length_buckets(config, data)
 
-  from adapter_tuning.optim import make_optimizer
+  from adapter_tuning.training.optim import make_optimizer
   tx = make_optimizer(config, total_steps)
   mesh = parallel.make_mesh()
   rep, shard = parallel.replicated(mesh), parallel.batch_sharded(mesh)
@@ -370,7 +371,7 @@ def train_and_evaluate(config, workdir, overwrite: bool = False) -> dict:
 
 
 def _lr(config, total_steps, step):
-  from adapter_tuning.optim import learning_rate_schedule
+  from adapter_tuning.training.optim import learning_rate_schedule
   return learning_rate_schedule(config.learning_rate, total_steps, config.warmup_ratio)(step)
 
 

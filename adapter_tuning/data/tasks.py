@@ -93,12 +93,12 @@ def load_task_data(config, tokenizer, with_train: bool = True) -> TaskData:
   if data.task.startswith('glue/'):
     return _glue(config, tokenizer, with_train)
   if data.task == 'squad':
-    from adapter_tuning import qa_data
+    from adapter_tuning.data import squad_task as qa_data
     return qa_data.load_squad(config, tokenizer, with_train)
   if data.task == 'text':
     return _text(config, tokenizer, with_train)
   if data.task == 'demo':
-    from adapter_tuning import demo
+    from adapter_tuning.data import demo
     return _classification_task(
         config, tokenizer, train_examples=lambda: demo.make_examples('train', config.seed),
         eval_examples={'validation': lambda: demo.make_examples('validation', config.seed)},

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adapter_tuning import trainable as trainable_lib
+from adapter_tuning.training import trainable as trainable_lib
 
 
 def task_loss(head: str, logits, batch):

@@ -61,8 +61,8 @@ def ensure_checkpoint(directory: pathlib.Path, seed: int = 1234) -> pathlib.Path
   import jax
   from safetensors.numpy import save_file
 
-  from adapter_tuning import hf_checkpoint
-  from adapter_tuning.modeling import Encoder
+  from adapter_tuning.interop import hf_checkpoint
+  from adapter_tuning.models.encoder import Encoder
 
   final = directory
   # Build in a private folder and rename: several processes may race to create it.

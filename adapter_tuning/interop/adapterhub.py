@@ -52,10 +52,10 @@ import re
 import flax.traverse_util as tu
 import numpy as np
 
-from adapter_tuning import hf_checkpoint
-from adapter_tuning.adapters import AdapterConfig
 from adapter_tuning.errors import UsageError
-from adapter_tuning.modeling import ModelConfig
+from adapter_tuning.interop import hf_checkpoint
+from adapter_tuning.models.encoder import ModelConfig
+from adapter_tuning.peft.bottleneck import AdapterConfig
 
 ADAPTERHUB_VERSION = 'adapters.1.3.0'  # the library version these facts were checked on
 ADAPTER_CONFIG = 'adapter_config.json'

@@ -13,11 +13,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adapter_tuning import hf_checkpoint
-from adapter_tuning.adapters import AdapterConfig
 from adapter_tuning.errors import UsageError
-from adapter_tuning.modeling import Encoder, ModelConfig
-from adapter_tuning.tokenization import Tokenizer, load_tokenizer
+from adapter_tuning.interop import hf_checkpoint
+from adapter_tuning.interop.tokenization import Tokenizer, load_tokenizer
+from adapter_tuning.models.encoder import Encoder, ModelConfig
+from adapter_tuning.peft.bottleneck import AdapterConfig
 
 
 @dataclasses.dataclass

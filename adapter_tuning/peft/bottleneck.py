@@ -13,8 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from adapter_tuning.activations import gelu_exact
 from adapter_tuning.errors import UsageError
+from adapter_tuning.models.activations import gelu_exact
 
 PLACEMENTS = ('houlsby', 'pfeiffer', 'none')
 

@@ -46,7 +46,7 @@ def _read(config, with_train):
 
 def load_squad(config, tokenizer, with_train: bool = True):
   from adapter_tuning.data import squad
-  from adapter_tuning.task_data import Split, TaskData
+  from adapter_tuning.data.tasks import Split, TaskData
   data = config.data
   train_examples, eval_examples, report = _read(config, with_train)
   if data.max_train_examples:
@@ -78,8 +78,8 @@ def load_squad(config, tokenizer, with_train: bool = True):
 
 def score(split, outputs, config):
   """(answers {id: text}, {'exact_match', 'f1'}) for an eval split's start/end logits."""
-  from adapter_tuning import squad_metrics
   from adapter_tuning.data import squad
+  from adapter_tuning.data import squad_metrics
   answers = squad.postprocess(split.examples, split.qa, outputs['start_logits'],
                               outputs['end_logits'],
                               max_answer_length=config.data.max_answer_length)

@@ -22,11 +22,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adapter_tuning import artifact
-from adapter_tuning import trainable as trainable_lib
-from adapter_tuning.adapters import AdapterConfig
 from adapter_tuning.errors import UsageError
-from adapter_tuning.task_model import TaskModel
+from adapter_tuning.interop import artifact
+from adapter_tuning.models.heads import TaskModel
+from adapter_tuning.peft.bottleneck import AdapterConfig
+from adapter_tuning.training import trainable as trainable_lib
 
 
 @dataclasses.dataclass
@@ -75,7 +75,7 @@ class MultiTaskModel:
   """The frozen base plus K task artifacts; `predict` routes each example to its task."""
 
   def __init__(self, adapter_dirs, base_path=None):
-    from adapter_tuning.pretrained import load_pretrained
+    from adapter_tuning.interop.pretrained import load_pretrained
     loaded = [(pathlib.Path(d), *artifact.load(d)) for d in adapter_dirs]
     if not loaded:
       raise UsageError('no adapter given; pass --adapter DIR[,DIR...]')

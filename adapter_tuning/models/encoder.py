@@ -15,8 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from adapter_tuning.activations import HIDDEN_ACTS, bias_act
-from adapter_tuning.adapters import Adapter, AdapterConfig
+from adapter_tuning.models.activations import HIDDEN_ACTS, bias_act
+from adapter_tuning.peft.bottleneck import Adapter, AdapterConfig
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,8 +13,8 @@ import pathlib
 
 import numpy as np
 
-from adapter_tuning import parallel
 from adapter_tuning.data import batching
+from adapter_tuning.training import parallel
 
 
 @dataclasses.dataclass
@@ -67,14 +67,14 @@ def run_split(eval_step, params, split, batch_size, boundaries, shard, pad_id=0)
 
 def evaluate_all(eval_step, params, data, config, boundaries: dict, shard, pad_id=0) -> Results:
   """Runs every eval split; `boundaries` maps each split's name to its padded lengths."""
-  from adapter_tuning import metrics as metrics_lib
+  from adapter_tuning.data import metrics as metrics_lib
   metrics, predictions, warnings = {}, {}, []
   for i, (name, split) in enumerate(data.evals.items()):
     out = run_split(eval_step, params, split, config.eval_batch_size, boundaries[name], shard,
                     pad_id)
     prefix = 'eval/' if i == 0 else f'eval/{name}/'
     if data.head == 'span':
-      from adapter_tuning import qa_data
+      from adapter_tuning.data import squad_task as qa_data
       answers, scores = qa_data.score(split, out, config)
       predictions[name] = answers
     else:

@@ -19,8 +19,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from adapter_tuning.adapters import AdapterConfig
-from adapter_tuning.modeling import Dropout, Encoder, ModelConfig
+from adapter_tuning.models.encoder import Dropout, Encoder, ModelConfig
+from adapter_tuning.peft.bottleneck import AdapterConfig
 
 HEAD_KINDS = ('classification', 'regression', 'span')
 POOLINGS = ('pooler', 'cls', 'mean')

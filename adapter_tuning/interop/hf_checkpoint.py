@@ -17,7 +17,7 @@ import pathlib
 import numpy as np
 
 from adapter_tuning.errors import UsageError
-from adapter_tuning.modeling import ACTS, ModelConfig
+from adapter_tuning.models.encoder import ACTS, ModelConfig
 
 SUPPORTED_MODEL_TYPES = ('bert', 'roberta')
 WEIGHT_FILES = ('model.safetensors', 'model.safetensors.index.json', 'pytorch_model.bin')

@@ -1,0 +1,182 @@
+"""The config schema: every key with its default and one line on what it does, and its checks.
+
+Config files (configs/*.py) import `get_config()` from here and override what differs. Any
+key may be overridden on the command line: `--config.learning_rate=1e-3`. Unknown keys and
+values of the wrong type are errors (ml_collections enforces both on overrides; `validate`
+checks values, combinations, and keys set in config files), one line each with the fix.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import ml_collections
+
+from adapter_tuning.errors import UsageError
+from adapter_tuning.models.heads import POOLINGS
+
+# The paper's GLUE search space (Houlsby et al. 2019, section 3.2).
+LEARNING_RATES = (3e-5, 3e-4, 3e-3)
+EPOCHS = (3.0, 20.0)
+ADAPTER_SIZES = (8, 64, 256)
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+
+  c.model = ml_collections.ConfigDict()
+  c.model.checkpoint = 'bert-base-uncased'  # HF checkpoint directory or hub name (needs network)
+  c.model.dtype = 'float32'                 # compute dtype: float32 | bfloat16 (params stay fp32)
+  c.model.remat = False                     # rematerialise layers in backward (saves activation memory)
+  c.model.scan_layers = False               # lax.scan over identical layers (modeling.Encoder.scan):
+                                            # compiles slower; faster steps on BERT-base (BENCHMARKS.md)
+  c.model.adapter = ml_collections.ConfigDict()
+  c.model.adapter.size = 64                 # bottleneck width m (paper: 8, 64, 256)
+  c.model.adapter.placement = 'houlsby'     # houlsby (2 per layer) | pfeiffer (FFN only) | none
+  c.model.adapter.init_scale = 1e-3         # truncated-normal std of adapter weights; 0 = exact identity
+  c.model.adapter.activation = 'gelu'       # gelu (exact) | gelu_tanh | relu | swish | tanh
+  c.model.adapter.layers = ml_collections.FieldReference(None, field_type=tuple)  # layer indices with adapters; None or () = all
+  c.model.adapter.original_ln_before = False  # adapter reads LN(x + h), LN again after (AdapterHub SeqBnConfig default)
+
+  c.model.head = ml_collections.ConfigDict()
+  c.model.head.pooling = 'pooler'           # sentence vector of classification/regression heads:
+                                            # pooler (tanh over [CLS], the paper) | cls ([CLS]
+                                            # state) | mean (over tokens; sentence-transformers)
+  c.model.head.standardize_targets = True   # regression: learn (y - mean) / std of the train
+                                            # split, folded back into the head for eval/artifact
+
+  # What trains: adapters (adapters + all layer norms + head, the paper) | full | head | top:K,
+  # or a tuple of (regex over '/'-joined param paths, 'train' | 'freeze') rules, first match wins.
+  c.trainable = ml_collections.FieldReference('adapters', field_type=object)
+
+  c.data = ml_collections.ConfigDict()
+  c.data.task = 'glue/sst2'          # glue/<name> | squad | text (generic classification) | demo
+  c.data.source = 'tfds'             # tfds | glue_dir | squad_json | files | generated (demo)
+  c.data.data_dir = ''               # glue_dir: GLUE-layout TSV folder; tfds: TFDS data_dir ('' = default)
+  c.data.train_file = ''             # squad_json / files: training file
+  c.data.eval_file = ''              # squad_json / files: evaluation file
+  c.data.tfds_name = ''              # task=text from TFDS: dataset name, e.g. imdb_reviews
+  c.data.name = ''                   # task=text: the name adapters are known by ('' = TFDS name or data folder)
+  c.data.text_key = 'text'           # task=text: column / feature with the text
+  c.data.text_pair_key = ''          # task=text: optional second text column ('' = none)
+  c.data.label_key = 'label'         # task=text: label column / feature
+  c.data.max_seq_length = 128        # tokens per example after truncation (special tokens included)
+  c.data.max_train_examples = 0      # use only the first N training examples (0 = all)
+  c.data.max_eval_examples = 0       # use only the first N examples of each eval split (0 = all)
+  c.data.num_buckets = 4             # static sequence-length buckets (fewer shapes = fewer compiles)
+  c.data.min_bucket_length = 0       # shortest bucket; 0 = buckets double up to max_seq_length
+  c.data.fit_buckets = True          # pick the num_buckets lengths from the data (least padding);
+                                     # false = geometric up to max_seq_length (min_bucket_length)
+  c.data.bucket_shape_cost = 8192    # fit_buckets: padded token positions a further compiled shape
+                                     # must save (its compile time over the time of one padded
+                                     # position; ~8k on 2 CPU cores); 0 = always num_buckets
+  c.data.doc_stride = 128            # squad: stride between context windows
+  c.data.max_query_length = 64       # squad: question tokens kept
+  c.data.max_answer_length = 30      # squad: longest answer span considered at eval
+  c.data.holdout_articles = 0.0      # squad_json with train_file == eval_file: fraction of articles held out for eval
+
+  c.batch_size = 32                  # global batch (all devices, all processes)
+  c.eval_batch_size = 64             # global eval batch
+  c.learning_rate = 3e-4             # peak learning rate (paper grid: 3e-5, 3e-4, 3e-3)
+  c.num_train_steps = 0              # total steps; 0 = derive from num_epochs
+  c.num_epochs = 3.0                 # epochs when num_train_steps = 0 (paper grid: 3, 20)
+  c.warmup_ratio = 0.1               # linear warm-up over this fraction of steps, then linear decay
+  c.weight_decay = 0.01              # AdamW decoupled weight decay (not on LayerNorm or biases)
+  c.adam_b1 = 0.9                    # Adam beta1
+  c.adam_b2 = 0.999                  # Adam beta2
+  c.adam_eps = 1e-6                  # Adam epsilon
+  c.grad_clip_norm = 1.0             # global gradient-norm clip (0 = off)
+  c.seed = 0                         # data order, dropout and adapter init
+
+  c.log_every_steps = 50             # train metrics to metrics.jsonl / TensorBoard
+  c.eval_every_steps = 0             # evaluate every N steps (0 = only at the end)
+  c.checkpoint_every_steps = 500     # orbax checkpoint every N steps (and always at the end)
+  c.keep_checkpoints = 2             # checkpoints kept on disk
+  c.progress_bar = True              # a progress bar on a terminal; plain log lines otherwise
+  return c
+
+
+def sweep():
+  """No sweep by default; task configs define their own."""
+  return []
+
+
+def paper_grid(seeds=(0,)):
+  """18 adapter runs per seed, plus full fine-tuning and top-k baselines at their usual lrs."""
+  runs = []
+  for lr, epochs, size, seed in itertools.product(LEARNING_RATES, EPOCHS, ADAPTER_SIZES, seeds):
+    runs.append({'trainable': 'adapters', 'model.adapter.size': size, 'learning_rate': lr,
+                 'num_epochs': epochs, 'seed': seed})
+  for lr, seed in itertools.product((3e-5, 5e-5), seeds):
+    runs.append({'trainable': 'full', 'model.adapter.placement': 'none', 'learning_rate': lr,
+                 'num_epochs': 3.0, 'seed': seed})
+  return runs
+
+
+def _check_types(config: ml_collections.ConfigDict, reference: ml_collections.ConfigDict,
+                 prefix: str = ''):
+  for key in config.keys():
+    name = f'{prefix}{key}'
+    if key not in reference:
+      raise UsageError(f'unknown config key {name!r}; see adapter_tuning/config.py for valid keys')
+    value, ref = config[key], reference[key]
+    if isinstance(ref, ml_collections.ConfigDict):
+      if not isinstance(value, ml_collections.ConfigDict):
+        raise UsageError(f'config.{name} must be a group of keys, got {value!r}')
+      _check_types(value, ref, name + '.')
+    elif isinstance(ref, bool) and not isinstance(value, bool):
+      raise UsageError(f'config.{name} must be true/false, got {value!r}')
+    elif isinstance(ref, (int, float)) and not isinstance(ref, bool):
+      if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UsageError(f'config.{name} must be a number, got {value!r}')
+      if isinstance(ref, int) and not isinstance(ref, bool) and isinstance(value, float) \
+          and not value.is_integer():
+        raise UsageError(f'config.{name} must be an integer, got {value!r}')
+    elif isinstance(ref, str) and not isinstance(value, str):
+      raise UsageError(f'config.{name} must be a string, got {value!r}')
+
+
+def validate(config: ml_collections.ConfigDict):
+  _check_types(config, get_config())
+  a = config.model.adapter
+  checks = [
+      (a.placement == 'none' or a.size > 0,
+       f'model.adapter.size must be > 0, got {a.size}; the paper uses 8, 64 or 256'),
+      (config.learning_rate > 0, f'learning_rate must be > 0, got {config.learning_rate}'),
+      (0 <= config.warmup_ratio <= 1, f'warmup_ratio must be in [0, 1], got {config.warmup_ratio}'),
+      (config.weight_decay >= 0, f'weight_decay must be >= 0, got {config.weight_decay}'),
+      (config.batch_size > 0, f'batch_size must be > 0, got {config.batch_size}'),
+      (config.eval_batch_size > 0, f'eval_batch_size must be > 0, got {config.eval_batch_size}'),
+      (config.num_train_steps >= 0, 'num_train_steps must be >= 0 (0 = use num_epochs)'),
+      (config.num_train_steps > 0 or config.num_epochs > 0,
+       'set num_train_steps > 0 or num_epochs > 0'),
+      (config.data.max_seq_length >= 8,
+       f'data.max_seq_length must be >= 8, got {config.data.max_seq_length}'),
+      (config.data.num_buckets >= 1, 'data.num_buckets must be >= 1'),
+      (config.data.bucket_shape_cost >= 0, 'data.bucket_shape_cost must be >= 0'),
+      (config.log_every_steps > 0, 'log_every_steps must be > 0'),
+      (config.eval_every_steps >= 0, 'eval_every_steps must be >= 0 (0 = only at the end)'),
+      (config.checkpoint_every_steps > 0, 'checkpoint_every_steps must be > 0'),
+      (config.model.dtype in ('float32', 'bfloat16'),
+       f'model.dtype must be float32 or bfloat16, got {config.model.dtype!r}'),
+      (config.model.head.pooling in POOLINGS,
+       f'model.head.pooling must be one of {", ".join(POOLINGS)}, got '
+       f'{config.model.head.pooling!r}'),
+      (config.grad_clip_norm >= 0, 'grad_clip_norm must be >= 0 (0 = off)'),
+  ]
+  for ok, message in checks:
+    if not ok:
+      raise UsageError(message)
+  _check_task(config.data)
+
+
+def _check_task(data):
+  """Fails on a bad task/source before anything slow (checkpoint, tokenisation) happens."""
+  from adapter_tuning.data.glue import get_task
+  from adapter_tuning.data.tasks import SOURCES
+  if data.source not in SOURCES:
+    raise UsageError(f'unknown data.source {data.source!r}; use one of {", ".join(SOURCES)}')
+  if data.task.startswith('glue/'):
+    get_task(data.task)
+  elif data.task not in ('squad', 'text', 'demo'):
+    raise UsageError(f'unknown data.task {data.task!r}; use glue/<task>, squad, text or demo')

@@ -1,0 +1,1 @@
+"""Formats in and out: Hugging Face checkpoints and tokenizers, adapter artifacts, AdapterHub."""

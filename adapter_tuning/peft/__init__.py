@@ -1,0 +1,1 @@
+"""Parameter-efficient methods that hook into the frozen encoder: bottleneck adapters today."""

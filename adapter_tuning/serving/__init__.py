@@ -1,0 +1,1 @@
+"""Inference with trained artifacts: many adapters on one frozen base in one jitted pass."""
