@@ -92,6 +92,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval_every_steps = 0             # evaluate every N steps (0 = only at the end)
   c.checkpoint_every_steps = 500     # orbax checkpoint every N steps (and always at the end)
   c.keep_checkpoints = 2             # checkpoints kept on disk
+  c.compile_ahead = True             # compile every batch shape of the run in background threads
+                                     # at the first step (training/precompile.py); False = on first use
   c.progress_bar = True              # a progress bar on a terminal; plain log lines otherwise
   return c
 

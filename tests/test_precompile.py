@@ -50,3 +50,19 @@ def test_predicted_lengths_are_the_batches_lengths():
                                   start_batch=start) == list(dict.fromkeys(seen))
   seen = [b['input_ids'].shape[1] for b in batching.eval_batches(ids, types, labels, 48, bounds)]
   assert batching.eval_lengths(ids, 48, bounds) == list(dict.fromkeys(seen))
+
+
+def test_compile_ahead_false_compiles_nothing_ahead(tmp_path, capsys):
+  """config.compile_ahead switches the background compiles off; the run is the same run."""
+  from adapter_tuning import config as defaults
+  from adapter_tuning.training.trainer import train_and_evaluate
+  from configs import demo
+  config = demo.get_config()
+  config.num_train_steps = 6
+  config.progress_bar = False
+  config.compile_ahead = False
+  config.model.adapter.size = 8
+  metrics = train_and_evaluate(config, tmp_path / 'run')
+  assert 'eval/accuracy' in metrics
+  assert '0 step shapes compiled ahead' in capsys.readouterr().out
+  assert defaults.get_config().compile_ahead  # on by default

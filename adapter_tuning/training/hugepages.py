@@ -13,11 +13,14 @@ glibc reads tunables only when a process starts, so the command-line entry point
 `reexec()` first: when the tunable is missing and the kernel allows THP on request, the
 process re-executes itself once (same PID, same arguments) with it set. Library users can
 export GLIBC_TUNABLES=glibc.malloc.hugetlb=1 themselves; ADAPTER_TUNING_NO_REEXEC=1
-turns the re-exec off.
+turns the re-exec off. It runs only where JAX will use XLA:CPU: not when JAX_PLATFORMS names
+another backend first, nor when a GPU/TPU plugin is installed and JAX_PLATFORMS is unset
+(device buffers there do not come from malloc, so the re-exec would only cost start-up).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import platform
 import sys
@@ -29,7 +32,7 @@ _THP_MODE = '/sys/kernel/mm/transparent_hugepage/enabled'
 
 def wanted(environ=os.environ, thp_mode_path: str = _THP_MODE) -> bool:
   """Whether a re-exec would change anything here."""
-  if sys.platform != 'linux' or environ.get(_DONE):
+  if sys.platform != 'linux' or environ.get(_DONE) or not cpu_backend(environ):
     return False
   if 'glibc.malloc.hugetlb' in environ.get('GLIBC_TUNABLES', ''):
     return False
@@ -41,6 +44,17 @@ def wanted(environ=os.environ, thp_mode_path: str = _THP_MODE) -> bool:
   except OSError:
     return False
   return '[always]' in mode or '[madvise]' in mode
+
+
+ACCELERATOR_PLUGINS = ('jax_plugins', 'jax_cuda12_plugin', 'jax_cuda13_plugin', 'libtpu')
+
+
+def cpu_backend(environ=os.environ, find_spec=importlib.util.find_spec) -> bool:
+  """Whether JAX will run on XLA:CPU, decided without importing JAX (this runs first)."""
+  first = environ.get('JAX_PLATFORMS', '').split(',')[0].strip().lower()
+  if first:
+    return first == 'cpu'
+  return not any(find_spec(name) is not None for name in ACCELERATOR_PLUGINS)
 
 
 def environment(environ=os.environ) -> dict:

@@ -295,7 +295,7 @@ def train_and_evaluate(config, workdir, overwrite: bool = False) -> dict:
           process_index=jax.process_index(), process_count=jax.process_count(),
           start_batch=start_batch, pad_id=setup.pretrained.tokenizer.pad_id):
         batch = parallel.to_global(_with_label_keys(local, data.head), shard)
-        if not train_step.prepared:
+        if config.compile_ahead and not train_step.prepared:
           compile_ahead(batch, epoch, start_batch)
         state, metrics = train_step(state, frozen_dev, batch)
         if last_metrics is not None:  # fetch one step late: the device keeps running
