@@ -52,6 +52,7 @@ def _bucket(length: int, limit: int) -> int:
 
 def predict_rows(mt, rows: list[dict], batch_size: int, max_seq_length: int) -> list[dict]:
   """rows: {'text', 'text_pair', 'task'} -> {'task', 'label' and 'logits' | 'score'}."""
+  from adapter_tuning.models.heads import head_kind
   tok = mt.pretrained.tokenizer
   task_ids = np.asarray([mt.task_index(r.get('task')) for r in rows], np.int32)
   pairs = [r.get('text_pair') for r in rows]
@@ -81,11 +82,8 @@ def predict_rows(mt, rows: list[dict], batch_size: int, max_seq_length: int) -> 
     for row, i in zip(logits, chunk):
       task = mt.tasks[task_ids[i]]
       row = row[:task.num_outputs]
-      if task.head == 'regression':
-        out[i] = {'task': task.name, 'score': float(row[0])}
-      else:
-        out[i] = {'task': task.name, 'label': task.label_names[int(np.argmax(row))],
-                  'logits': [float(x) for x in row]}
+      out[i] = {'task': task.name,
+                **head_kind(task.head).output_fields(row, task.label_names)}
   return out  # type: ignore[return-value]
 
 
@@ -138,7 +136,7 @@ def write_glue_submission(mt, glue_dir: pathlib.Path, out_dir: pathlib.Path, bat
       with open(out_dir / name, 'w') as f:
         f.write('index\tprediction\n')
         for e, p in zip(examples, preds):
-          if task.head == 'regression':
+          if 'score' in p:  # STS-B, the one GLUE regression task: scores lie in [0, 5]
             value = f'{min(max(p["score"], 0.0), 5.0):.3f}'
           elif task.name in STRING_LABEL_TASKS:
             value = p['label']

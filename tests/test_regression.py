@@ -8,7 +8,7 @@ import pytest
 
 from adapter_tuning.data import demo
 from adapter_tuning.models.heads import TargetScale, pool
-from adapter_tuning.training.evaluation import constant_predictions
+from adapter_tuning.models.heads import head_kind
 from adapter_tuning.training.trainer import train_and_evaluate
 from adapter_tuning import config as common
 from conftest import GLUE_DIR, MINILM
@@ -42,15 +42,17 @@ def test_pooling_reads_cls_or_the_masked_mean():
 
 
 def test_constant_prediction_lines():
-  line = constant_predictions('validation', np.full(50, 2.72359) + 1e-6 * np.arange(50),
-                              'regression', ())
+  line = head_kind('regression').constant_warning(
+      'validation', np.full(50, 2.72359) + 1e-6 * np.arange(50), ())
   assert line.startswith('eval split validation: predictions are constant (2.7236 for all 50')
   assert 'learned only the label mean' in line and 'model.head.pooling' in line
-  assert constant_predictions('validation', np.linspace(0, 5, 50), 'regression', ()) is None
-  line = constant_predictions('validation', np.ones(9, np.int32), 'classification', ('no', 'yes'))
+  assert head_kind('regression').constant_warning('validation', np.linspace(0, 5, 50), ()) is None
+  classification = head_kind('classification')
+  line = classification.constant_warning('validation', np.ones(9, np.int32), ('no', 'yes'))
   assert "class 'yes' for all 9 examples" in line
-  assert constant_predictions('validation', np.array([0, 1, 1]), 'classification',
-                              ('no', 'yes')) is None
+  assert classification.constant_warning('validation', np.array([0, 1, 1]),
+                                         ('no', 'yes')) is None
+  assert head_kind('span').constant_warning('validation', {'q1': 'a', 'q2': 'a'}, ()) is None
 
 
 def _stsb_config(**overrides):

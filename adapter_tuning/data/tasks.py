@@ -14,6 +14,7 @@ from typing import Any, Optional
 import numpy as np
 
 from adapter_tuning.errors import UsageError
+from adapter_tuning.models.heads import head_kind
 
 SOURCES = ('tfds', 'glue_dir', 'squad_json', 'files', 'generated')
 
@@ -45,11 +46,7 @@ class TaskData:
 
   @property
   def num_outputs(self) -> int:
-    if self.head == 'regression':
-      return 1
-    if self.head == 'span':
-      return 2
-    return len(self.label_names)
+    return head_kind(self.head).num_outputs(self.label_names)
 
 
 def _limit(examples, n):
@@ -71,7 +68,8 @@ def _tokenize(name, examples, tokenizer, max_len, label_dtype):
 
 def _classification_task(config, tokenizer, *, train_examples, eval_examples, task, label_names,
                          metric_names, regression, with_train=True) -> TaskData:
-  dtype = np.float32 if regression else np.int32
+  kind = head_kind('regression' if regression else 'classification')
+  dtype = kind.label_dtype
   max_len = config.data.max_seq_length
   train = None
   if with_train:
@@ -81,7 +79,7 @@ def _classification_task(config, tokenizer, *, train_examples, eval_examples, ta
       raise UsageError('training split has unlabeled rows (label -1); train on a labeled split')
   evals = {name: _tokenize(name, _limit(fn(), config.data.max_eval_examples), tokenizer,
                            max_len, dtype) for name, fn in eval_examples.items()}
-  return TaskData(task, 'regression' if regression else 'classification', tuple(label_names),
+  return TaskData(task, kind.name, tuple(label_names),
                   tuple(metric_names), train, evals)
 
 

@@ -17,7 +17,8 @@ import pathlib
 import numpy as np
 
 from adapter_tuning.errors import UsageError
-from adapter_tuning.models.encoder import ACTS, ModelConfig
+from adapter_tuning.models.activations import ACTIVATIONS
+from adapter_tuning.models.encoder import ModelConfig
 
 SUPPORTED_MODEL_TYPES = ('bert', 'roberta')
 WEIGHT_FILES = ('model.safetensors', 'model.safetensors.index.json', 'pytorch_model.bin')
@@ -63,8 +64,9 @@ def read_model_config(directory: pathlib.Path) -> ModelConfig:
     raise UsageError(f'unsupported model_type {model_type!r} in {config_path}; '
                      f'supported: {", ".join(SUPPORTED_MODEL_TYPES)}')
   act = hf.get('hidden_act', 'gelu')
-  if act not in ACTS:
-    raise UsageError(f'unsupported hidden_act {act!r} in {config_path}; supported: {ACTS}')
+  if act not in ACTIVATIONS:
+    raise UsageError(f'unsupported hidden_act {act!r} in {config_path}; supported: '
+                     f'{", ".join(ACTIVATIONS)}')
   if hf.get('position_embedding_type', 'absolute') != 'absolute':
     raise UsageError(f'position_embedding_type {hf["position_embedding_type"]!r} in '
                      f'{config_path} is not supported; only absolute positions are')

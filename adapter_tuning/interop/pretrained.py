@@ -17,6 +17,7 @@ from adapter_tuning.errors import UsageError
 from adapter_tuning.interop import hf_checkpoint
 from adapter_tuning.interop.tokenization import Tokenizer, load_tokenizer
 from adapter_tuning.models.encoder import Encoder, ModelConfig
+from adapter_tuning.peft import bottleneck
 from adapter_tuning.peft.bottleneck import AdapterConfig
 
 
@@ -97,31 +98,19 @@ def load_pretrained(path_or_name, adapter=None, *, dtype=jnp.float32,
 def init_params(model: Encoder, seed: int) -> dict:
   """Fresh params: adapters near identity, the rest zeros (the checkpoint overwrites them).
 
-  Shapes come from `eval_shape` (no compile). Adapter kernels are drawn in NumPy from a
-  normal truncated at 2 std and scaled by init_scale (the Adapter module's own init), one
-  generator per (layer i, site j) seeded with (seed, 2i + j); biases are zero. Drawing
-  them with jax.random compiled XLA programs at start-up (~1-2 s on 2 cores, the same
-  cores the first train-step compile needs). A pooler that the checkpoint lacks keeps a
-  BERT-style N(0, 0.02) init.
+  Shapes come from `eval_shape` (no compile); adapter kernels from
+  `bottleneck.init_kernels` (NumPy). A pooler that the checkpoint lacks keeps a BERT-style
+  N(0, 0.02) init.
   """
   ids = jnp.zeros((1, 8), jnp.int32)
   shapes = jax.eval_shape(model.init, jax.random.PRNGKey(seed), ids, ids, ids)['params']
   params = jax.tree.map(lambda v: np.zeros(v.shape, v.dtype), shapes)
   a = model.adapter
   for i in range(model.config.num_layers):
-    for j, site in enumerate(('attention', 'ffn')):
+    for site in ('attention', 'ffn'):
       if a is not None and a.has_adapter(i, site):
-        rng = np.random.default_rng((seed, 2 * i + j))
-        for proj in params[f'layer_{i}'][f'{site}_adapter'].values():
-          proj['kernel'][...] = a.init_scale * _truncated_normal(rng, proj['kernel'].shape)
+        bottleneck.init_kernels(params[f'layer_{i}'][f'{site}_adapter'], a, i, site, seed)
   pooler = params['pooler']['kernel']
   pooler[...] = np.random.default_rng((seed, 10_000)).normal(0.0, 0.02, pooler.shape)
   return params
 
-
-def _truncated_normal(rng: np.random.Generator, shape) -> np.ndarray:
-  """Standard normal draws, redrawn while outside [-2, 2]."""
-  x = rng.standard_normal(shape)
-  while (outside := np.abs(x) > 2).any():
-    x[outside] = rng.standard_normal(int(outside.sum()))
-  return x

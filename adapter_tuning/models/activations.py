@@ -1,4 +1,4 @@
-"""Activations of the encoder and the adapters, and the fused bias + GELU of the FFN.
+"""The activations of the encoder and of every PEFT method (one table), and the fused bias + GELU of the FFN.
 
 BERT's GELU is the exact one. It is written in PyTorch's form, 0.5 x (1 + erf(x / sqrt 2)):
 the same values as `jax.nn.gelu(x, approximate=False)` (its erfc form) within 1e-6, but
@@ -58,13 +58,23 @@ def bias_act(name: str) -> Callable[[jax.Array, jax.Array], jax.Array]:
   """act(y + b) for a hidden_act name of a Hugging Face config."""
   if name == 'gelu':
     return bias_gelu
-  act = HIDDEN_ACTS[name]
+  act = ACTIVATIONS[name]
   return lambda y, b: act(y + b)
 
 
-HIDDEN_ACTS: dict[str, Callable[[jax.Array], jax.Array]] = {
+def gelu_tanh(x):
+  return jax.nn.gelu(x, approximate=True)
+
+
+# The one activation table: a Hugging Face config's `hidden_act` and an adapter's
+# `activation` are both keys here (HF spells the tanh GELU `gelu_new`/`gelu_pytorch_tanh`).
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     'gelu': gelu_exact,
-    'gelu_new': lambda x: jax.nn.gelu(x, approximate=True),
-    'gelu_pytorch_tanh': lambda x: jax.nn.gelu(x, approximate=True),
+    'gelu_tanh': gelu_tanh,
+    'gelu_new': gelu_tanh,
+    'gelu_pytorch_tanh': gelu_tanh,
     'relu': jax.nn.relu,
+    'swish': jax.nn.swish,
+    'silu': jax.nn.swish,
+    'tanh': jnp.tanh,
 }

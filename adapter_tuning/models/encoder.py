@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from adapter_tuning.models.activations import HIDDEN_ACTS, bias_act
+from adapter_tuning.models.activations import bias_act
 from adapter_tuning.peft.bottleneck import Adapter, AdapterConfig
 
 
@@ -45,9 +45,6 @@ class ModelConfig:
   @property
   def max_seq_length(self) -> int:
     return self.max_positions - self.position_offset
-
-
-ACTS = tuple(HIDDEN_ACTS)
 
 
 def _mix32(h):
@@ -205,7 +202,7 @@ class TransformerLayer(nn.Module):
     a = self.adapter
     if a is None or not a.has_adapter(self.index, site):
       return None
-    return Adapter(a.size, a.activation, a.init_scale, dtype=self.dtype, name=f'{site}_adapter')
+    return Adapter(a.size, a.activation, dtype=self.dtype, name=f'{site}_adapter')
 
   @nn.compact
   def __call__(self, x_BxTxD, mask_BxT, deterministic: bool, dropout_rng=None):

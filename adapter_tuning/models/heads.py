@@ -18,12 +18,14 @@ from typing import Optional
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
+import optax
 
+from adapter_tuning.errors import UsageError
 from adapter_tuning.models.encoder import Dropout, Encoder, ModelConfig
 from adapter_tuning.peft.bottleneck import AdapterConfig
 
-HEAD_KINDS = ('classification', 'regression', 'span')
 POOLINGS = ('pooler', 'cls', 'mean')
+HEAD_INIT = nn.initializers.normal(0.02)  # every head kernel; biases start at zero
 
 
 def pool(enc: dict, attention_mask_BxT, pooling: str):
@@ -37,17 +39,179 @@ def pool(enc: dict, attention_mask_BxT, pooling: str):
   return (hidden_BxTxD * mask_BxTx1).sum(1) / jnp.maximum(mask_BxTx1.sum(1), 1)
 
 
+class HeadKind:
+  """What one kind of task head means, in one place: everything else asks its kind.
+
+  A kind says how many outputs its linear layer has, whether it reads one vector per
+  example (`per_token=False`, through `pool`) or every token, which batch keys carry its
+  labels, its per-example loss, what its eval step returns, how a prediction is written,
+  and how its eval outputs are scored. Token tagging or multiple choice would be one more
+  subclass here.
+  """
+
+  name: str
+  label_keys: tuple[str, ...] = ('labels',)
+  per_token = False
+  label_dtype = np.int32
+  standardized_targets = False  # regression: learned on (y - mean) / std, see TargetScale
+
+  def num_outputs(self, label_names) -> int:
+    return len(label_names)
+
+  def init_params(self, key, hidden: int, num_outputs: int) -> dict:
+    """The head's starting params (the trainer's draw, the same init as the module's)."""
+    return {'kernel': np.asarray(HEAD_INIT(key, (hidden, num_outputs), jnp.float32)),
+            'bias': np.zeros((num_outputs,), np.float32)}
+
+  def loss(self, logits, batch):
+    """Per-example loss [B]."""
+    raise NotImplementedError
+
+  def eval_outputs(self, logits) -> dict:
+    """What the jitted eval step returns for a batch (host-side rows per example)."""
+    raise NotImplementedError
+
+  def prediction(self, value, label_names):
+    """One eval prediction (an `eval_outputs()['predictions']` row) as written to JSONL."""
+    return label_names[int(value)]
+
+  def output_fields(self, logits_row, label_names) -> dict:
+    """A `predict` output line's fields for one example's logits."""
+    return {'label': label_names[int(np.argmax(logits_row))],
+            'logits': [float(x) for x in logits_row]}
+
+  def constant_warning(self, split: str, predictions, label_names) -> str | None:
+    """One run-log line when every example of a split gets one class, else None."""
+    preds = np.asarray(predictions)
+    if preds.size < 2 or len(label_names) < 2 or len(np.unique(preds)) > 1:
+      return None
+    return (f'eval split {split}: predictions are constant (class {label_names[int(preds[0])]!r} '
+            f'for all {preds.size} examples): the model learned only the majority label; try '
+            'more steps, another learning_rate or model.head.pooling=mean (or cls)')
+
+  def stack_labels(self, labels: dict) -> np.ndarray:
+    """A split's labels as one [N] or [N, k] array for batching (see `unstack_labels`)."""
+    return labels['labels']
+
+  def unstack_labels(self, batch: dict) -> dict:
+    return batch
+
+  def score(self, split, outputs: dict, data, config):
+    """(predictions to keep, metric dict or None for an unlabeled split)."""
+    from adapter_tuning.data import metrics as metrics_lib
+    labels = split.labels['labels']
+    if np.all(labels == -1):
+      return outputs['predictions'], None
+    return outputs['predictions'], metrics_lib.compute_metrics(
+        data.metric_names, outputs['predictions'], labels)
+
+
+class Classification(HeadKind):
+  name = 'classification'
+
+  def loss(self, logits, batch):
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch['labels'])
+
+  def eval_outputs(self, logits):
+    return {'predictions': jnp.argmax(logits, -1), 'logits': logits}
+
+
+class Regression(HeadKind):
+  name = 'regression'
+  label_dtype = np.float32
+  standardized_targets = True
+
+  def num_outputs(self, label_names) -> int:
+    return 1
+
+  def loss(self, logits, batch):
+    return jnp.square(logits[:, 0] - batch['labels'])
+
+  def eval_outputs(self, logits):
+    return {'predictions': logits[:, 0]}
+
+  def prediction(self, value, label_names):
+    return float(value)
+
+  def output_fields(self, logits_row, label_names) -> dict:
+    return {'score': float(logits_row[0])}
+
+  def constant_warning(self, split: str, predictions, label_names) -> str | None:
+    """Constant = a spread below 1e-3 of the scale: the head learned only the label mean."""
+    preds = np.asarray(predictions)
+    center = float(np.mean(preds)) if preds.size else 0.0
+    if preds.size < 2 or np.ptp(preds) > 1e-3 * max(1.0, abs(center)):
+      return None
+    return (f'eval split {split}: predictions are constant ({center:.5g} for all {preds.size} '
+            'examples): the model learned only the label mean; try '
+            'model.head.standardize_targets=True, model.head.pooling=mean (or cls), or another '
+            'learning_rate')
+
+
+class Span(HeadKind):
+  """Extractive QA: start and end logits per token, scored by SQuAD's post-processing."""
+
+  name = 'span'
+  label_keys = ('start_positions', 'end_positions')
+  per_token = True
+
+  def num_outputs(self, label_names) -> int:
+    return 2
+
+  def loss(self, logits, batch):
+    mask = batch['attention_mask'].astype(bool)
+    start_logits = jnp.where(mask, logits[..., 0], -1e9)
+    end_logits = jnp.where(mask, logits[..., 1], -1e9)
+    return 0.5 * (
+        optax.softmax_cross_entropy_with_integer_labels(start_logits, batch['start_positions']) +
+        optax.softmax_cross_entropy_with_integer_labels(end_logits, batch['end_positions']))
+
+  def eval_outputs(self, logits):
+    return {'start_logits': logits[..., 0], 'end_logits': logits[..., 1]}
+
+  def stack_labels(self, labels: dict) -> np.ndarray:
+    return np.stack([labels[k] for k in self.label_keys], axis=1)
+
+  def unstack_labels(self, batch: dict) -> dict:
+    batch = dict(batch)
+    labels = batch.pop('labels')
+    for i, key in enumerate(self.label_keys):
+      batch[key] = labels[:, i]
+    return batch
+
+  def output_fields(self, logits_row, label_names) -> dict:
+    raise UsageError('QA (span) adapters answer through the trainer\'s SQuAD evaluation, not '
+                     'predict rows; evaluate with adapter_tuning.train')
+
+  def constant_warning(self, split: str, predictions, label_names) -> str | None:
+    return None  # answers are per-question text spans: no single value to collapse to
+
+  def score(self, split, outputs: dict, data, config):
+    from adapter_tuning.data import squad_task
+    return squad_task.score(split, outputs, config)
+
+
+HEADS = {kind.name: kind for kind in (Classification(), Regression(), Span())}
+HEAD_KINDS = tuple(HEADS)
+
+
+def head_kind(name: str) -> HeadKind:
+  if name not in HEADS:
+    raise UsageError(f'unknown head kind {name!r}; known: {", ".join(HEADS)}')
+  return HEADS[name]
+
+
 class TaskModel(nn.Module):
-  """Returns logits [B, num_outputs] (classification/regression) or [B, T, 2] (span)."""
+  """Returns logits [B, num_outputs] (one vector per example) or [B, T, 2] (span)."""
 
   config: ModelConfig
   adapter: Optional[AdapterConfig]
-  head: str
+  head: str  # a key of HEADS
   num_outputs: int
   dtype: jnp.dtype = jnp.float32
   remat: bool = False
   scan: bool = False  # Encoder.scan
-  pooling: str = 'pooler'  # one of POOLINGS (classification/regression heads)
+  pooling: str = 'pooler'  # one of POOLINGS (heads with one vector per example)
 
   @nn.compact
   def __call__(self, input_ids_BxT, attention_mask_BxT, token_type_ids_BxT=None,
@@ -55,14 +219,12 @@ class TaskModel(nn.Module):
     enc = Encoder(self.config, self.adapter, self.dtype, self.remat, self.scan,
                   name='encoder')(input_ids_BxT, attention_mask_BxT, token_type_ids_BxT,
                                   deterministic)
-    drop = Dropout(self.config.hidden_dropout)
-    init = nn.initializers.normal(0.02)
-    if self.head == 'span':
-      x_BxTxD = drop(enc['last_hidden_state'], deterministic)
-      logits = nn.Dense(2, kernel_init=init, name='head')(x_BxTxD.astype(jnp.float32))
-      return logits
-    x_BxD = drop(pool(enc, attention_mask_BxT, self.pooling), deterministic)
-    return nn.Dense(self.num_outputs, kernel_init=init, name='head')(x_BxD.astype(jnp.float32))
+    if head_kind(self.head).per_token:
+      x = enc['last_hidden_state']
+    else:
+      x = pool(enc, attention_mask_BxT, self.pooling)
+    x = Dropout(self.config.hidden_dropout)(x, deterministic)
+    return nn.Dense(self.num_outputs, kernel_init=HEAD_INIT, name='head')(x.astype(jnp.float32))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,7 +24,7 @@ import numpy as np
 
 from adapter_tuning.errors import UsageError
 from adapter_tuning.interop import artifact
-from adapter_tuning.models.heads import TaskModel
+from adapter_tuning.models.heads import TaskModel, head_kind
 from adapter_tuning.peft.bottleneck import AdapterConfig
 from adapter_tuning.training import trainable as trainable_lib
 
@@ -88,10 +88,14 @@ class MultiTaskModel:
     self.pretrained = load_pretrained(base_path, adapter)
     for d, meta, _ in loaded:
       artifact.check_base(meta, self.pretrained.identity, str(d))
-    heads = {m['head'] for m in metas}
-    if 'span' in heads and len(metas) > 1:
-      raise UsageError('QA (span) adapters are served one at a time; pass it alone')
-    self.head = 'span' if 'span' in heads else 'classification'
+    kinds = {head_kind(m['head']) for m in metas}
+    per_token = [k for k in kinds if k.per_token]
+    if per_token and len(metas) > 1:
+      raise UsageError(f'{per_token[0].name} adapters are served one at a time; pass it alone')
+    # Vector heads of every kind share one padded linear layer (logits past a task's own
+    # outputs are masked), so the served module is built as the widest classification head.
+    self.kind = per_token[0] if per_token else head_kind('classification')
+    self.head = self.kind.name
     poolings = {m.get('pooling', 'pooler') for m in metas}
     if len(poolings) > 1:
       raise UsageError(f'cannot serve heads with different poolings {sorted(poolings)} in one '
@@ -106,7 +110,7 @@ class MultiTaskModel:
 
   def _build_params(self, trained: list[dict]):
     hidden = self.pretrained.config.hidden_size
-    head_outputs = 2 if self.head == 'span' else self.max_outputs
+    head_outputs = self.max_outputs
     base = {'encoder': self.pretrained.params,
             'head': {'kernel': np.zeros((hidden, head_outputs), np.float32),
                      'bias': np.zeros((head_outputs,), np.float32)}}
@@ -138,7 +142,7 @@ class MultiTaskModel:
       return self.model.apply({'params': full}, ids_T[None], mask_T[None], types_T[None])[0]
 
     logits = jax.vmap(one)(per_example, ids_BxT, mask_BxT, types_BxT)
-    if self.head == 'span':
+    if self.kind.per_token:
       return logits
     valid = jnp.arange(self.max_outputs)[None, :] < self.num_outputs[task_ids_B][:, None]
     return jnp.where(valid, logits, -jnp.inf)

@@ -14,6 +14,7 @@ import pathlib
 import numpy as np
 
 from adapter_tuning.data import batching
+from adapter_tuning.models.heads import head_kind
 from adapter_tuning.training import parallel
 
 
@@ -32,11 +33,11 @@ class Results:
         (workdir / name).write_text(json.dumps(preds, ensure_ascii=False))
         continue
       examples = self.data.evals[split].examples
-      names = self.data.label_names
+      names, kind = self.data.label_names, head_kind(self.data.head)
       with open(workdir / f'predictions_{split}.jsonl', 'w') as f:
         for ex, p in zip(examples, preds):
           row = {'idx': ex['idx'], 'label': ex['label']}
-          row['prediction'] = float(p) if self.data.head == 'regression' else names[int(p)]
+          row['prediction'] = kind.prediction(p, names)
           f.write(json.dumps(row) + '\n')
 
 
@@ -67,49 +68,18 @@ def run_split(eval_step, params, split, batch_size, boundaries, shard, pad_id=0)
 
 def evaluate_all(eval_step, params, data, config, boundaries: dict, shard, pad_id=0) -> Results:
   """Runs every eval split; `boundaries` maps each split's name to its padded lengths."""
-  from adapter_tuning.data import metrics as metrics_lib
+  kind = head_kind(data.head)
   metrics, predictions, warnings = {}, {}, []
   for i, (name, split) in enumerate(data.evals.items()):
     out = run_split(eval_step, params, split, config.eval_batch_size, boundaries[name], shard,
                     pad_id)
     prefix = 'eval/' if i == 0 else f'eval/{name}/'
-    if data.head == 'span':
-      from adapter_tuning.data import squad_task as qa_data
-      answers, scores = qa_data.score(split, out, config)
-      predictions[name] = answers
-    else:
-      predictions[name] = out['predictions']
-      warning = constant_predictions(name, out['predictions'], data.head, data.label_names)
-      if warning:
-        warnings.append(warning)
-      labels = split.labels['labels']
-      if np.all(labels == -1):
-        continue  # an unlabeled (test) split: predictions only
-      scores = metrics_lib.compute_metrics(data.metric_names, out['predictions'], labels)
+    predictions[name], scores = kind.score(split, out, data, config)
+    warning = kind.constant_warning(name, predictions[name], data.label_names)
+    if warning:
+      warnings.append(warning)
+    if scores is None:
+      continue  # an unlabeled (test) split: predictions only
     metrics.update({prefix + k: float(v) for k, v in scores.items()})
   return Results(metrics, predictions, data, warnings)
 
-
-def constant_predictions(split: str, predictions, head: str, label_names) -> str | None:
-  """One warning line when a split's predictions are (numerically) one value, else None.
-
-  A collapsed run still produces metrics (STS-B Pearson ~0, CoLA MCC 0), so without this
-  line the user finds out only from the artifact. Regression counts as constant when the
-  spread is below 1e-3 of the scale; classification when every example gets one class.
-  """
-  preds = np.asarray(predictions)
-  if preds.size < 2:
-    return None
-  if head == 'regression':
-    center = float(np.mean(preds))
-    if np.ptp(preds) > 1e-3 * max(1.0, abs(center)):
-      return None
-    return (f'eval split {split}: predictions are constant ({center:.5g} for all {preds.size} '
-            'examples): the model learned only the label mean; try '
-            'model.head.standardize_targets=True, model.head.pooling=mean (or cls), or another '
-            'learning_rate')
-  if len(label_names) < 2 or len(np.unique(preds)) > 1:
-    return None
-  return (f'eval split {split}: predictions are constant (class {label_names[int(preds[0])]!r} '
-          f'for all {preds.size} examples): the model learned only the majority label; try '
-          'more steps, another learning_rate or model.head.pooling=mean (or cls)')

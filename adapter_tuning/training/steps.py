@@ -12,22 +12,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from adapter_tuning.models.heads import head_kind
 from adapter_tuning.training import trainable as trainable_lib
 
 
 def task_loss(head: str, logits, batch):
   """Mean loss over the real examples of a batch (weights = batch['mask'] when present)."""
-  if head == 'regression':
-    per_example = jnp.square(logits[:, 0] - batch['labels'])
-  elif head == 'span':
-    mask = batch['attention_mask'].astype(bool)
-    start_logits = jnp.where(mask, logits[..., 0], -1e9)
-    end_logits = jnp.where(mask, logits[..., 1], -1e9)
-    per_example = 0.5 * (
-        optax.softmax_cross_entropy_with_integer_labels(start_logits, batch['start_positions']) +
-        optax.softmax_cross_entropy_with_integer_labels(end_logits, batch['end_positions']))
-  else:
-    per_example = optax.softmax_cross_entropy_with_integer_labels(logits, batch['labels'])
+  per_example = head_kind(head).loss(logits, batch)
   weights = batch.get('mask', jnp.ones_like(per_example))
   return jnp.sum(per_example * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
@@ -68,13 +59,11 @@ def make_train_step(model, tx, head: str):
 def make_eval_step(model, head: str):
   """Returns eval_step(params, batch) -> predictions: class ids, scores, or span logits."""
 
+  kind = head_kind(head)
+
   def eval_step(params, batch):
     logits = model.apply({'params': params}, batch['input_ids'], batch['attention_mask'],
                          batch['token_type_ids'], deterministic=True)
-    if head == 'regression':
-      return {'predictions': logits[:, 0]}
-    if head == 'span':
-      return {'start_logits': logits[..., 0], 'end_logits': logits[..., 1]}
-    return {'predictions': jnp.argmax(logits, -1), 'logits': logits}
+    return kind.eval_outputs(logits)
 
   return eval_step

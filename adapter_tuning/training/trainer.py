@@ -1,164 +1,42 @@
-"""`train_and_evaluate(config, workdir)`: the whole path config -> data -> model -> steps.
+"""`train_and_evaluate(config, workdir)`: a run as a sequence of named phases.
+
+  1. `workdir.prepare`  - one run per folder; --overwrite clears it
+  2. `build.build`      - base + adapters, task data, head, trainable rules
+  3. `start_run`        - step plan, frozen base on the devices, jitted steps, logs
+  4. `init_or_restore`  - fresh optimizer state or the newest readable checkpoint
+  5. `train_loop`       - steps until the end or SIGTERM (checkpoint, then exit 0)
+  6. `finish`           - last checkpoint, final evaluation, the adapter artifact
 
 The loop is deliberately plain: one jitted train step over the trainable subtree, metrics
-fetched one step late (so the host never stalls the device, and fake CPU devices never
-pile up collectives), NaN/Inf stop the run, checkpoints every N steps and at the end,
-evaluation with the task's official metrics, and the adapter artifact at the end.
+fetched one step late (`LateMetrics`: the host never stalls the device, and fake CPU devices
+never pile up collectives), NaN/Inf stop the run, checkpoints every N steps and at the end,
+evaluation with the task's official metrics. `Run.close` runs on every exit path.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 import pathlib
 import signal
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from adapter_tuning.config import validate
 from adapter_tuning.data import batching
-from adapter_tuning.data.tasks import load_task_data
 from adapter_tuning.errors import RunFailure, UsageError
 from adapter_tuning.interop import artifact
-from adapter_tuning.models.heads import TargetScale, TaskModel
-from adapter_tuning.peft.bottleneck import AdapterConfig
+from adapter_tuning.models.heads import head_kind
 from adapter_tuning.training import evaluation, parallel, precompile, steps
 from adapter_tuning.training import trainable as trainable_lib
+from adapter_tuning.training import workdir as workdir_lib
+from adapter_tuning.training.build import Setup, build, length_buckets, num_steps_for, with_raw_head
 from adapter_tuning.training.checkpointing import Checkpointer
 from adapter_tuning.training.reporting import Reporter
 
 
-@dataclasses.dataclass
-class Setup:
-  """Everything built from the config before the first step; also used by predict/bench."""
-
-  model: TaskModel
-  params: dict  # full tree {'encoder', 'head'}
-  rules: tuple
-  pretrained: object
-  data: object
-  adapter: AdapterConfig | None
-  target_scale: TargetScale  # regression targets' train-split scale (identity otherwise)
-
-
-def adapter_config(config) -> AdapterConfig | None:
-  a = config.model.adapter
-  if a.placement == 'none':
-    return None
-  # layers: None or () = every layer (None cannot be written on a command line).
-  return AdapterConfig(size=a.size, placement=a.placement, activation=a.activation,
-                       init_scale=a.init_scale, layers=a.layers or None, seed=config.seed,
-                       original_ln_before=a.get('original_ln_before', False))
-
-
-def resolve_checkpoint_path(config, workdir: pathlib.Path) -> str:
-  if config.data.task == 'demo' and not config.model.checkpoint:
-    from adapter_tuning.data import demo
-    return str(demo.ensure_checkpoint(workdir / 'demo_base'))
-  if not config.model.checkpoint:
-    raise UsageError('model.checkpoint is empty; set it to a Hugging Face checkpoint '
-                     'directory or hub name')
-  return config.model.checkpoint
-
-
-def build(config, workdir: pathlib.Path, with_train: bool = True) -> Setup:
-  from adapter_tuning.interop.pretrained import load_pretrained
-  adapter = adapter_config(config)
-  dtype = jnp.bfloat16 if config.model.dtype == 'bfloat16' else jnp.float32
-  pre = load_pretrained(resolve_checkpoint_path(config, workdir), adapter, dtype=dtype)
-  if config.data.max_seq_length > pre.config.max_seq_length:
-    raise UsageError(f'data.max_seq_length={config.data.max_seq_length} exceeds the model '
-                     f'maximum of {pre.config.max_seq_length} positions; lower it')
-  data = load_task_data(config, pre.tokenizer, with_train=with_train)
-  hidden = pre.config.hidden_size
-  key = jax.random.PRNGKey(config.seed + 1)
-  head = {'kernel': np.asarray(0.02 * jax.random.normal(key, (hidden, data.num_outputs))),
-          'bias': np.zeros((data.num_outputs,), np.float32)}
-  params = {'encoder': pre.params, 'head': head}
-  rules = trainable_lib.resolve(config.trainable, pre.config.num_layers)
-  model = TaskModel(pre.config, adapter, data.head, data.num_outputs, dtype=dtype,
-                    remat=config.model.remat, scan=config.model.scan_layers,
-                    pooling=config.model.head.pooling)
-  scale = TargetScale()
-  if data.head == 'regression' and config.model.head.standardize_targets and with_train:
-    scale = TargetScale.from_labels(data.train.labels['labels'])
-  return Setup(model, params, rules, pre, data, adapter, scale)
-
-
-def with_raw_head(params: dict, scale: TargetScale) -> dict:
-  """Trainable or full params with the head moved from the standardised to the raw scale."""
-  if 'head' not in params or scale == TargetScale():
-    return params
-  return {**params, 'head': scale.fold(params['head'])}
-
-
-def length_buckets(config, data) -> tuple[tuple[int, ...], dict[str, tuple[int, ...]]]:
-  """Padded lengths for training and for each eval split: at most data.num_buckets each.
-
-  data.fit_buckets picks them from the data (batching.fit_boundaries: least padding plus
-  data.bucket_shape_cost positions per compiled shape); otherwise they are geometric up to
-  max_seq_length.
-  """
-  d = config.data
-  geometric = batching.bucket_boundaries(d.max_seq_length, d.num_buckets,
-                                         min_len=d.min_bucket_length)
-  if not d.fit_buckets:
-    return geometric, {name: geometric for name in data.evals}
-  fit = lambda maxima, rows: batching.fit_boundaries(
-      maxima, d.num_buckets, max_len=d.max_seq_length, shape_cost=d.bucket_shape_cost / rows)
-  train = fit(batching.train_batch_maxima(data.train.input_ids, config.batch_size, config.seed),
-              config.batch_size)
-  evals = {name: fit(batching.eval_batch_maxima(split.input_ids, config.eval_batch_size),
-                     config.eval_batch_size)
-           if len(split) else geometric for name, split in data.evals.items()}
-  return train, evals
-
-
-def num_steps_for(config, steps_per_epoch: int) -> int:
-  if config.num_train_steps > 0:
-    return int(config.num_train_steps)
-  return max(1, int(math.ceil(config.num_epochs * steps_per_epoch)))
-
-
-def check_workdir(workdir: pathlib.Path, config_json: str, overwrite: bool):
-  """Refuses to mix two different runs in one workdir (that would corrupt both)."""
-  path = workdir / 'config.json'
-  if not path.exists() or overwrite:
-    return
-  old, new = _flat(json.loads(path.read_text())), _flat(json.loads(config_json))
-  # Keys on one side only are schema changes between versions, not a different run.
-  diff = sorted(k for k in set(old) & set(new) if old[k] != new[k])
-  if diff:
-    raise UsageError(f'{workdir} holds a run with a different config (differs in: '
-                     f'{", ".join(diff[:5])}); use a new --workdir, or pass --overwrite to '
-                     'start that run over')
-
-
-def clear_run(workdir: pathlib.Path):
-  """--overwrite: the user asked to start over, so the old run's state goes."""
-  import shutil
-  for name in ('checkpoints', 'tensorboard', 'adapter'):
-    shutil.rmtree(workdir / name, ignore_errors=True)
-  for pattern in ('metrics.jsonl', 'predictions*.json*', 'config.json'):
-    for f in workdir.glob(pattern):
-      f.unlink()
-
-
-def _flat(d, prefix=''):
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flat(v, f'{prefix}{k}.'))
-    else:
-      out[prefix + k] = v
-  return out
-
-
-class _Preempted:
+class Preempted:
   """SIGTERM (a pre-emption notice) asks the loop to checkpoint and exit cleanly."""
 
   def __init__(self):
@@ -180,194 +58,296 @@ class _Preempted:
       signal.signal(signal.SIGTERM, self._old)
 
 
+class LateMetrics:
+  """Each step's metrics are fetched one step late, so the host never waits on the device.
+
+  `add` records the step just dispatched and fetches the one before (by then the device is
+  on the next step; fake CPU devices never pile up collectives). `flush` fetches the pending
+  one now: before evaluating, checkpointing or logging a state. Every fetch checks the loss
+  and gradient norm are finite (`check_finite`).
+  """
+
+  def __init__(self, ckpt: Checkpointer):
+    self.ckpt = ckpt
+    self.pending = None  # (metrics on device, 1-based step)
+    self.losses: list[float] = []
+
+  def add(self, metrics, step: int):
+    self.flush()
+    self.pending = (metrics, step)
+
+  def flush(self):
+    if self.pending is not None:
+      metrics, step = self.pending
+      self.pending = None
+      self.losses.append(check_finite(metrics, step, self.ckpt))
+
+  def take_mean_loss(self) -> float:
+    self.flush()
+    loss, self.losses = float(np.mean(self.losses)), []
+    return loss
+
+
+@dataclasses.dataclass
+class Run:
+  """What one training run holds between its phases (built by `start_run`)."""
+
+  config: object
+  workdir: pathlib.Path
+  setup: Setup
+  plan: dict  # steps_per_epoch, total_steps, train/eval bucket bounds, train labels
+  mesh: object
+  frozen: object  # the frozen params, on the devices
+  tx: object
+  train_step: precompile.AheadOfTime
+  eval_step: precompile.AheadOfTime
+  pool: object
+  ckpt: Checkpointer
+  reporter: Reporter
+
+  @property
+  def total_steps(self) -> int:
+    return self.plan['total_steps']
+
+  def batches(self, epoch: int, start_batch: int):
+    """The global train batches of one epoch from `start_batch` on, this process's rows."""
+    c, train = self.config, self.setup.data.train
+    kind = head_kind(self.setup.data.head)
+    for local in batching.train_batches(
+        train.input_ids, train.token_type_ids, self.plan['train_labels'], c.batch_size,
+        seed=c.seed, epoch=epoch, boundaries=self.plan['train_bounds'],
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        start_batch=start_batch, pad_id=self.setup.pretrained.tokenizer.pad_id):
+      yield parallel.to_global(kind.unstack_labels(local), parallel.batch_sharded(self.mesh))
+
+  def compile_ahead(self, state, batch, epoch: int, start_batch: int):
+    """Starts compiling every train and eval batch shape of the run (precompile.py)."""
+    c, data = self.config, self.setup.data
+    state_spec, frozen_spec = precompile.abstract(state), precompile.abstract(self.frozen)
+    for length in batching.train_lengths(data.train.input_ids, c.batch_size, seed=c.seed,
+                                         epoch=epoch, boundaries=self.plan['train_bounds'],
+                                         start_batch=start_batch):
+      self.train_step.prepare(state_spec, frozen_spec, precompile.with_length(batch, length))
+    params_spec = precompile.abstract(trainable_lib.merge(state['params'], self.frozen))
+    inputs = {k: batch[k] for k in ('input_ids', 'attention_mask', 'token_type_ids')}
+    for name, split in data.evals.items():
+      for length in batching.eval_lengths(split.input_ids, c.eval_batch_size,
+                                          self.plan['eval_bounds'][name]):
+        self.eval_step.prepare(params_spec,
+                               precompile.with_length(inputs, length, c.eval_batch_size))
+
+  def evaluate(self, params_dev, at_step: int) -> dict:
+    """Every eval split with the official metrics; writes metrics, warnings, predictions."""
+    setup = self.setup
+    full = with_raw_head(trainable_lib.merge(params_dev, self.frozen), setup.target_scale)
+    results = evaluation.evaluate_all(self.eval_step, full, setup.data, self.config,
+                                      self.plan['eval_bounds'], parallel.batch_sharded(self.mesh),
+                                      setup.pretrained.tokenizer.pad_id)
+    self.reporter.write(at_step, results.metrics)
+    for warning in results.warnings:
+      self.reporter.log(f'warning: {warning}')
+    self.reporter.log(f'eval at step {at_step}: ' + ', '.join(
+        f'{k.split("/", 1)[1]} {v:.4f}' for k, v in results.metrics.items()))
+    if jax.process_index() == 0:
+      results.write_predictions(self.workdir)
+    return results.metrics
+
+  def save(self, state, at_step: int, force: bool = False):
+    self.ckpt.save(at_step, state, {'step': at_step, 'total_steps': self.total_steps,
+                                    'base_sha256': self.setup.pretrained.identity['sha256']},
+                   force=force)
+
+  def close(self):
+    """Shutdown, on every exit path: compile workers, pending checkpoint writes, log files."""
+    self.pool.shutdown(cancel_futures=True)
+    self.ckpt.close()
+    self.reporter.close()
+
+
 def train_and_evaluate(config, workdir, overwrite: bool = False) -> dict:
-  """Trains, evaluates and exports; returns the final eval metrics."""
-  process_start = time.perf_counter()
+  """Trains, evaluates and exports; returns the final eval metrics ({} when pre-empted)."""
+  clock = {'process_start': time.perf_counter()}
   validate(config)
-  workdir = pathlib.Path(workdir).absolute()
-  is_main = jax.process_index() == 0
-  config_json = config.to_json_best_effort(indent=2, sort_keys=True)
-  if workdir.exists():
-    check_workdir(workdir, config_json, overwrite)
-    if overwrite and jax.process_index() == 0:
-      clear_run(workdir)
   parallel.check_batch_size(config.batch_size)
   parallel.check_batch_size(config.eval_batch_size, 'eval_batch_size')
-  workdir.mkdir(parents=True, exist_ok=True)
-
+  workdir, config_json = workdir_lib.prepare(config, workdir, overwrite)
   setup = build(config, workdir)
-  data, rules = setup.data, setup.rules
-  train_params, frozen_params = trainable_lib.split(setup.params, rules)
-  counts = trainable_lib.summary(setup.params, rules)
+  run = start_run(config, workdir, setup, config_json)
+  try:
+    state, step = init_or_restore(run)
+    clock['train_start'] = time.perf_counter()
+    state, step, preempted = train_loop(run, state, step)
+    clock['train_end'] = time.perf_counter()
+    if preempted:
+      run.reporter.log(f'received SIGTERM: saved a checkpoint at step {step}; rerun the same '
+                       'command to resume')
+      return {}
+    return finish(run, state, step, clock)
+  finally:
+    run.close()
 
-  train_labels = _label_array(data.train)
-  if data.head == 'regression':
-    train_labels = setup.target_scale.standardize(train_labels)
+
+def plan_steps(config, setup: Setup) -> dict:
+  """How long the run is and how its batches are shaped; the (standardised) train labels."""
+  data = setup.data
+  kind = head_kind(data.head)
+  labels = kind.stack_labels(data.train.labels)
+  if kind.standardized_targets:
+    labels = setup.target_scale.standardize(labels)
   steps_per_epoch = batching.num_train_batches(len(data.train), config.batch_size)
   if steps_per_epoch == 0:
     raise UsageError(f'the training split has {len(data.train)} examples, fewer than one batch '
                      f'of {config.batch_size}; lower batch_size or add data')
-  total_steps = num_steps_for(config, steps_per_epoch)
   train_bounds, eval_bounds = length_buckets(config, data)
+  return {'steps_per_epoch': steps_per_epoch, 'total_steps': num_steps_for(config, steps_per_epoch),
+          'train_bounds': train_bounds, 'eval_bounds': eval_bounds, 'train_labels': labels}
 
+
+def start_run(config, workdir: pathlib.Path, setup: Setup, config_json: str) -> Run:
+  """Plans the steps, puts the frozen base on the devices, jits the steps, opens the logs."""
   from adapter_tuning.training.optim import make_optimizer
-  tx = make_optimizer(config, total_steps)
+  plan = plan_steps(config, setup)
+  tx = make_optimizer(config, plan['total_steps'])
   mesh = parallel.make_mesh()
   rep, shard = parallel.replicated(mesh), parallel.batch_sharded(mesh)
-  frozen_dev = parallel.put_replicated(frozen_params, mesh)
-  state = jax.jit(lambda p: steps.init_state(p, tx, config.seed), out_shardings=rep)(
-      parallel.put_replicated(train_params, mesh))
+  _, frozen_params = trainable_lib.split(setup.params, setup.rules)
   pool = precompile.compile_pool()
+  head = setup.data.head
   train_step = precompile.AheadOfTime(jax.jit(
-      steps.make_train_step(setup.model, tx, data.head), in_shardings=(rep, rep, shard),
+      steps.make_train_step(setup.model, tx, head), in_shardings=(rep, rep, shard),
       out_shardings=(rep, rep), donate_argnums=(0,)), pool)
   eval_step = precompile.AheadOfTime(jax.jit(
-      steps.make_eval_step(setup.model, data.head), in_shardings=(rep, shard),
+      steps.make_eval_step(setup.model, head), in_shardings=(rep, shard),
       out_shardings=shard), pool)
-
-  def compile_ahead(batch, epoch, start_batch):
-    """Starts compiling every train and eval batch shape of the run (precompile.py)."""
-    state_spec, frozen_spec = precompile.abstract(state), precompile.abstract(frozen_dev)
-    for length in batching.train_lengths(data.train.input_ids, config.batch_size,
-                                         seed=config.seed, epoch=epoch, boundaries=train_bounds,
-                                         start_batch=start_batch):
-      train_step.prepare(state_spec, frozen_spec, precompile.with_length(batch, length))
-    params_spec = precompile.abstract(trainable_lib.merge(state['params'], frozen_dev))
-    inputs = {k: batch[k] for k in ('input_ids', 'attention_mask', 'token_type_ids')}
-    for name, split in data.evals.items():
-      for length in batching.eval_lengths(split.input_ids, config.eval_batch_size,
-                                          eval_bounds[name]):
-        eval_step.prepare(params_spec,
-                          precompile.with_length(inputs, length, config.eval_batch_size))
-
+  is_main = jax.process_index() == 0
   if is_main:
     (workdir / 'config.json').write_text(config_json)
-  reporter = Reporter(workdir, is_main, total_steps, config.batch_size, config.progress_bar)
-  reporter.log(trainable_lib.format_summary(counts))
-  reporter.log(f'task {data.task}: {len(data.train)} training rows, '
-               + ', '.join(f'{k} {len(v)}' for k, v in data.evals.items())
-               + f'; {total_steps} steps of {config.batch_size} on {jax.device_count()} '
-               f'{jax.devices()[0].platform} device(s)')
+  reporter = Reporter(workdir, is_main, plan['total_steps'], config.batch_size,
+                      config.progress_bar)
+  run = Run(config, workdir, setup, plan, mesh, parallel.put_replicated(frozen_params, mesh),
+            tx, train_step, eval_step, pool,
+            Checkpointer(workdir / 'checkpoints', config.keep_checkpoints), reporter)
+  _log_header(run)
+  return run
+
+
+def _log_header(run: Run):
+  data, plan, c = run.setup.data, run.plan, run.config
+  run.reporter.log(trainable_lib.format_summary(trainable_lib.summary(run.setup.params,
+                                                                     run.setup.rules)))
+  run.reporter.log(f'task {data.task}: {len(data.train)} training rows, '
+                   + ', '.join(f'{k} {len(v)}' for k, v in data.evals.items())
+                   + f'; {plan["total_steps"]} steps of {c.batch_size} on {jax.device_count()} '
+                   f'{jax.devices()[0].platform} device(s)')
   for k, v in data.report.items():
-    reporter.log(f'data: {k} = {v}')
-  reporter.log(f'length buckets: train {train_bounds}; '
-               + '; '.join(f'{k} {v}' for k, v in eval_bounds.items()))
+    run.reporter.log(f'data: {k} = {v}')
+  run.reporter.log(f'length buckets: train {plan["train_bounds"]}; '
+                   + '; '.join(f'{k} {v}' for k, v in plan['eval_bounds'].items()))
 
-  ckpt = Checkpointer(workdir / 'checkpoints', config.keep_checkpoints)
-  base_identity = setup.pretrained.identity
-  restored = ckpt.restore(jax.tree.map(
+
+def init_or_restore(run: Run):
+  """The optimizer state on the devices: fresh, or the newest readable checkpoint's."""
+  rep = parallel.replicated(run.mesh)
+  train_params, _ = trainable_lib.split(run.setup.params, run.setup.rules)
+  state = jax.jit(lambda p: steps.init_state(p, run.tx, run.config.seed), out_shardings=rep)(
+      parallel.put_replicated(train_params, run.mesh))
+  restored = run.ckpt.restore(jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), state))
-  step = 0
-  if restored is not None:
-    state, meta, step = restored
-    if meta.get('base_sha256') != base_identity['sha256']:
-      raise UsageError(f'the checkpoints in {workdir} were made with another base model; '
-                       'use a new --workdir for this checkpoint')
-    reporter.log(f'resumed from the checkpoint at step {step}')
+  if restored is None:
+    return state, 0
+  state, meta, step = restored
+  if meta.get('base_sha256') != run.setup.pretrained.identity['sha256']:
+    raise UsageError(f'the checkpoints in {run.workdir} were made with another base model; '
+                     'use a new --workdir for this checkpoint')
+  run.reporter.log(f'resumed from the checkpoint at step {step}')
+  return state, step
 
-  def evaluate(params_dev, at_step):
-    full = with_raw_head(trainable_lib.merge(params_dev, frozen_dev), setup.target_scale)
-    results = evaluation.evaluate_all(eval_step, full, data, config, eval_bounds, shard,
-                                         setup.pretrained.tokenizer.pad_id)
-    reporter.write(at_step, results.metrics)
-    for warning in results.warnings:
-      reporter.log(f'warning: {warning}')
-    reporter.log(f'eval at step {at_step}: ' + ', '.join(
-        f'{k.split("/", 1)[1]} {v:.4f}' for k, v in results.metrics.items()))
-    if is_main:
-      results.write_predictions(workdir)
-    return results.metrics
 
-  def save(at_step, force=False):
-    ckpt.save(at_step, state, {'step': at_step, 'base_sha256': base_identity['sha256'],
-                               'total_steps': total_steps}, force=force)
-
-  start_time = time.perf_counter()
-  setup_seconds = start_time - process_start
-  last_metrics, window_losses, final_metrics = None, [], {}
-  reporter.rate(step)
-  with _Preempted() as preempted:
-    while step < total_steps:
-      epoch, start_batch = divmod(step, steps_per_epoch)
-      for local in batching.train_batches(
-          data.train.input_ids, data.train.token_type_ids, train_labels, config.batch_size,
-          seed=config.seed, epoch=epoch, boundaries=train_bounds,
-          process_index=jax.process_index(), process_count=jax.process_count(),
-          start_batch=start_batch, pad_id=setup.pretrained.tokenizer.pad_id):
-        batch = parallel.to_global(_with_label_keys(local, data.head), shard)
-        if config.compile_ahead and not train_step.prepared:
-          compile_ahead(batch, epoch, start_batch)
-        state, metrics = train_step(state, frozen_dev, batch)
-        if last_metrics is not None:  # fetch one step late: the device keeps running
-          window_losses.append(_check_finite(last_metrics, step, ckpt))
-        last_metrics = metrics
+def train_loop(run: Run, state, step: int):
+  """Steps until total_steps or SIGTERM: (state, step, pre-empted?)."""
+  c, late = run.config, LateMetrics(run.ckpt)
+  run.reporter.rate(step)
+  with Preempted() as preempted:
+    while step < run.total_steps:
+      epoch, start_batch = divmod(step, run.plan['steps_per_epoch'])
+      for batch in run.batches(epoch, start_batch):
+        if c.compile_ahead and not run.train_step.prepared:
+          run.compile_ahead(state, batch, epoch, start_batch)
+        state, metrics = run.train_step(state, run.frozen, batch)
         step += 1
-        if step % config.log_every_steps == 0 or step == total_steps:
-          window_losses.append(_check_finite(last_metrics, step, ckpt))
-          last_metrics = None
-          rate = reporter.rate(step)
-          loss = float(np.mean(window_losses))
-          reporter.write(step, {'train/loss': loss, 'train/learning_rate':
-                                float(_lr(config, total_steps, step)), **rate})
-          reporter.progress(step, loss, rate.get('train/steps_per_s'))
-          window_losses = []
-        do_eval = (config.eval_every_steps and step % config.eval_every_steps == 0
-                   and step < total_steps)
-        do_save = step % config.checkpoint_every_steps == 0 or preempted.flag
-        if (do_eval or do_save) and last_metrics is not None:
-          # Never evaluate or checkpoint a state whose last step has not been checked.
-          window_losses.append(_check_finite(last_metrics, step, ckpt))
-          last_metrics = None
+        late.add(metrics, step)
+        if step % c.log_every_steps == 0 or step == run.total_steps:
+          _log_train(run, late.take_mean_loss(), step)
+        do_eval = c.eval_every_steps and step % c.eval_every_steps == 0 and step < run.total_steps
+        do_save = step % c.checkpoint_every_steps == 0 or preempted.flag
+        if do_eval or do_save:
+          late.flush()  # never evaluate or checkpoint a state whose last step is unchecked
         if do_eval:
-          evaluate(state['params'], step)
+          run.evaluate(state['params'], step)
         if do_save:
-          save(step)
+          run.save(state, step)
         if preempted.flag:
-          pool.shutdown(cancel_futures=True)
-          ckpt.close()
-          reporter.log(f'received SIGTERM: saved a checkpoint at step {step}; rerun the same '
-                       'command to resume')
-          reporter.close()
-          return {}
-        if step >= total_steps:
+          return state, step, True
+        if step >= run.total_steps:
           break
-  if last_metrics is not None:
-    _check_finite(last_metrics, step, ckpt)
-  train_seconds = time.perf_counter() - start_time
-  if ckpt.latest_step() != step:
-    save(step, force=True)
-  eval_start = time.perf_counter()
-  final_metrics = evaluate(state['params'], step)
-  eval_seconds = time.perf_counter() - eval_start
-  pool.shutdown(cancel_futures=True)
-  ckpt.close()
+  late.flush()
+  return state, step, False
 
-  trained = with_raw_head(parallel.to_host(state['params']), setup.target_scale)
-  if is_main:
-    artifact.save(workdir / 'adapter', trained, {
-        'task': data.task, 'head': data.head, 'label_names': list(data.label_names),
-        'num_outputs': data.num_outputs, 'metric_names': list(data.metric_names),
-        'pooling': config.model.head.pooling,
-        'target_scale': dataclasses.asdict(setup.target_scale),  # already folded into head/*
-        'adapter': dataclasses.asdict(setup.adapter) if setup.adapter else None,
-        'trainable_rules': [list(r) for r in rules],
-        'base': {**base_identity, 'path': str(setup.pretrained.directory)},
-        'max_seq_length': config.data.max_seq_length,
-        'final_metrics': final_metrics, 'step': step,
-        'params': {k: v for k, v in counts.items()}})
-  size_kb = sum(f.stat().st_size for f in (workdir / 'adapter').glob('*')) / 1024
-  reporter.log(f'done: {step} steps in {train_seconds:.1f}s; trained '
-               f'{counts["trainable"]:,} of {counts["total"]:,} parameters '
-               f'({counts["trainable_pct_of_base"]:.2f}% of the base); adapter artifact '
-               f'({size_kb:.0f} KiB) in {workdir / "adapter"}')
-  reporter.log(f'time: setup {setup_seconds:.1f}s (checkpoint, data, tokenising), train loop '
-               f'{train_seconds:.1f}s (compilation included), final evaluation {eval_seconds:.1f}s; '
-               f'{train_step.compiled_ahead + eval_step.compiled_ahead} step shapes compiled '
-               f'ahead, {train_step.misses + eval_step.misses} batches not')
-  reporter.write(step, {'train/seconds': train_seconds, 'time/setup_seconds': setup_seconds,
-                        'time/final_eval_seconds': eval_seconds})
-  reporter.close()
+
+def _log_train(run: Run, loss: float, step: int):
+  rate = run.reporter.rate(step)
+  run.reporter.write(step, {'train/loss': loss, 'train/learning_rate':
+                            float(_lr(run.config, run.total_steps, step)), **rate})
+  run.reporter.progress(step, loss, rate.get('train/steps_per_s'))
+
+
+def finish(run: Run, state, step: int, clock: dict) -> dict:
+  """The last checkpoint, the final evaluation, the adapter artifact and the summary lines."""
+  if run.ckpt.latest_step() != step:
+    run.save(state, step, force=True)
+  eval_start = time.perf_counter()
+  final_metrics = run.evaluate(state['params'], step)
+  clock['eval_seconds'] = time.perf_counter() - eval_start
+  run.pool.shutdown(cancel_futures=True)
+  run.ckpt.wait()
+  trained = with_raw_head(parallel.to_host(state['params']), run.setup.target_scale)
+  if jax.process_index() == 0:
+    artifact.save(run.workdir / 'adapter', trained,
+                  artifact_meta(run.config, run.setup, final_metrics, step))
+  _log_summary(run, step, clock)
   return final_metrics
+
+
+def artifact_meta(config, setup: Setup, final_metrics: dict, step: int) -> dict:
+  data = setup.data
+  return {
+      'task': data.task, 'head': data.head, 'label_names': list(data.label_names),
+      'num_outputs': data.num_outputs, 'metric_names': list(data.metric_names),
+      'pooling': config.model.head.pooling,
+      'target_scale': dataclasses.asdict(setup.target_scale),  # already folded into head/*
+      'adapter': dataclasses.asdict(setup.adapter) if setup.adapter else None,
+      'trainable_rules': [list(r) for r in setup.rules],
+      'base': {**setup.pretrained.identity, 'path': str(setup.pretrained.directory)},
+      'max_seq_length': config.data.max_seq_length,
+      'final_metrics': final_metrics, 'step': step,
+      'params': trainable_lib.summary(setup.params, setup.rules)}
+
+
+def _log_summary(run: Run, step: int, clock: dict):
+  counts = trainable_lib.summary(run.setup.params, run.setup.rules)
+  setup_s = clock['train_start'] - clock['process_start']
+  train_s, eval_s = clock['train_end'] - clock['train_start'], clock['eval_seconds']
+  size_kb = sum(f.stat().st_size for f in (run.workdir / 'adapter').glob('*')) / 1024
+  log, ts, es = run.reporter.log, run.train_step, run.eval_step
+  log(f'done: {step} steps in {train_s:.1f}s; trained {counts["trainable"]:,} of '
+      f'{counts["total"]:,} parameters ({counts["trainable_pct_of_base"]:.2f}% of the base); '
+      f'adapter artifact ({size_kb:.0f} KiB) in {run.workdir / "adapter"}')
+  log(f'time: setup {setup_s:.1f}s (checkpoint, data, tokenising), train loop {train_s:.1f}s '
+      f'(compilation included), final evaluation {eval_s:.1f}s; '
+      f'{ts.compiled_ahead + es.compiled_ahead} step shapes compiled ahead, '
+      f'{ts.misses + es.misses} batches not')
+  run.reporter.write(step, {'train/seconds': train_s, 'time/setup_seconds': setup_s,
+                            'time/final_eval_seconds': eval_s})
 
 
 def _lr(config, total_steps, step):
@@ -375,22 +355,7 @@ def _lr(config, total_steps, step):
   return learning_rate_schedule(config.learning_rate, total_steps, config.warmup_ratio)(step)
 
 
-def _label_array(split):
-  if 'labels' in split.labels:
-    return split.labels['labels']
-  return np.stack([split.labels['start_positions'], split.labels['end_positions']], axis=1)
-
-
-def _with_label_keys(batch: dict, head: str) -> dict:
-  if head != 'span':
-    return batch
-  batch = dict(batch)
-  labels = batch.pop('labels')
-  batch['start_positions'], batch['end_positions'] = labels[:, 0], labels[:, 1]
-  return batch
-
-
-def _check_finite(metrics, step: int, ckpt: Checkpointer) -> float:
+def check_finite(metrics, step: int, ckpt: Checkpointer) -> float:
   """Fetches a step's metrics (`step` = its 1-based number); stops the run if not finite."""
   host = jax.device_get(metrics)
   if not bool(host['finite']):

@@ -1,0 +1,114 @@
+"""Phase 2 of a run, `build`: from the config to a model, its params and the task's data.
+
+Loads the pretrained base with the configured adapters (interop/pretrained), tokenises the
+task (data/tasks), draws the head, resolves which params train (training/trainable) and,
+for regression, the train split's target scale. `predict`-style users get the same
+`Setup` with `with_train=False`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import pathlib
+
+import jax
+import jax.numpy as jnp
+
+from adapter_tuning.data import batching
+from adapter_tuning.data.tasks import load_task_data
+from adapter_tuning.errors import UsageError
+from adapter_tuning.models.heads import TargetScale, TaskModel, head_kind
+from adapter_tuning.peft.bottleneck import AdapterConfig
+from adapter_tuning.training import trainable as trainable_lib
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything built from the config before the first step; also used by predict/bench."""
+
+  model: TaskModel
+  params: dict  # full tree {'encoder', 'head'}
+  rules: tuple
+  pretrained: object
+  data: object
+  adapter: AdapterConfig | None
+  target_scale: TargetScale  # regression targets' train-split scale (identity otherwise)
+
+
+def adapter_config(config) -> AdapterConfig | None:
+  a = config.model.adapter
+  if a.placement == 'none':
+    return None
+  # layers: None or () = every layer (None cannot be written on a command line).
+  return AdapterConfig(size=a.size, placement=a.placement, activation=a.activation,
+                       init_scale=a.init_scale, layers=a.layers or None, seed=config.seed,
+                       original_ln_before=a.get('original_ln_before', False))
+
+
+def resolve_checkpoint_path(config, workdir: pathlib.Path) -> str:
+  if config.data.task == 'demo' and not config.model.checkpoint:
+    from adapter_tuning.data import demo
+    return str(demo.ensure_checkpoint(workdir / 'demo_base'))
+  if not config.model.checkpoint:
+    raise UsageError('model.checkpoint is empty; set it to a Hugging Face checkpoint '
+                     'directory or hub name')
+  return config.model.checkpoint
+
+
+def build(config, workdir: pathlib.Path, with_train: bool = True) -> Setup:
+  from adapter_tuning.interop.pretrained import load_pretrained
+  adapter = adapter_config(config)
+  dtype = jnp.bfloat16 if config.model.dtype == 'bfloat16' else jnp.float32
+  pre = load_pretrained(resolve_checkpoint_path(config, workdir), adapter, dtype=dtype)
+  if config.data.max_seq_length > pre.config.max_seq_length:
+    raise UsageError(f'data.max_seq_length={config.data.max_seq_length} exceeds the model '
+                     f'maximum of {pre.config.max_seq_length} positions; lower it')
+  data = load_task_data(config, pre.tokenizer, with_train=with_train)
+  hidden = pre.config.hidden_size
+  kind = head_kind(data.head)
+  head = kind.init_params(jax.random.PRNGKey(config.seed + 1), hidden, data.num_outputs)
+  params = {'encoder': pre.params, 'head': head}
+  rules = trainable_lib.resolve(config.trainable, pre.config.num_layers)
+  model = TaskModel(pre.config, adapter, data.head, data.num_outputs, dtype=dtype,
+                    remat=config.model.remat, scan=config.model.scan_layers,
+                    pooling=config.model.head.pooling)
+  scale = TargetScale()
+  if kind.standardized_targets and config.model.head.standardize_targets and with_train:
+    scale = TargetScale.from_labels(data.train.labels['labels'])
+  return Setup(model, params, rules, pre, data, adapter, scale)
+
+
+def with_raw_head(params: dict, scale: TargetScale) -> dict:
+  """Trainable or full params with the head moved from the standardised to the raw scale."""
+  if 'head' not in params or scale == TargetScale():
+    return params
+  return {**params, 'head': scale.fold(params['head'])}
+
+
+def length_buckets(config, data) -> tuple[tuple[int, ...], dict[str, tuple[int, ...]]]:
+  """Padded lengths for training and for each eval split: at most data.num_buckets each.
+
+  data.fit_buckets picks them from the data (batching.fit_boundaries: least padding plus
+  data.bucket_shape_cost positions per compiled shape); otherwise they are geometric up to
+  max_seq_length.
+  """
+  d = config.data
+  geometric = batching.bucket_boundaries(d.max_seq_length, d.num_buckets,
+                                         min_len=d.min_bucket_length)
+  if not d.fit_buckets:
+    return geometric, {name: geometric for name in data.evals}
+  fit = lambda maxima, rows: batching.fit_boundaries(
+      maxima, d.num_buckets, max_len=d.max_seq_length, shape_cost=d.bucket_shape_cost / rows)
+  train = fit(batching.train_batch_maxima(data.train.input_ids, config.batch_size, config.seed),
+              config.batch_size)
+  evals = {name: fit(batching.eval_batch_maxima(split.input_ids, config.eval_batch_size),
+                     config.eval_batch_size)
+           if len(split) else geometric for name, split in data.evals.items()}
+  return train, evals
+
+
+def num_steps_for(config, steps_per_epoch: int) -> int:
+  if config.num_train_steps > 0:
+    return int(config.num_train_steps)
+  return max(1, int(math.ceil(config.num_epochs * steps_per_epoch)))
