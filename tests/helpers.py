@@ -54,3 +54,29 @@ def wait_for_step(workdir, step: int, proc: subprocess.Popen, timeout: float = 3
     time.sleep(0.2)
   proc.kill()
   raise AssertionError(f'no step {step} within {timeout}s')
+
+
+def tiny_config(checkpoint, task: str, **overrides):
+  """The package defaults shrunk to a seconds-long run: the one config builder for tests.
+
+  `overrides` are dotted keys (`**{'data.source': 'files'}`) or top-level ones
+  (`num_train_steps=20`); each must already exist in the schema, so a typo fails.
+  """
+  from adapter_tuning import config as defaults
+  config = defaults.get_config()
+  config.model.checkpoint = str(checkpoint)
+  config.model.adapter.size = 8
+  config.data.task = task
+  config.data.max_seq_length = 32
+  config.batch_size = 16
+  config.num_train_steps = 4
+  config.progress_bar = False
+  for key, value in overrides.items():
+    *path, leaf = key.split('.')
+    target = config
+    for part in path:
+      target = target[part]
+    if leaf not in target:
+      raise KeyError(f'{key} is not a config key')
+    target[leaf] = value
+  return config

@@ -10,9 +10,10 @@ import flax.traverse_util as tu
 import numpy as np
 import pytest
 
-torch = pytest.importorskip('torch')
-transformers = pytest.importorskip('transformers')
-adapters = pytest.importorskip('adapters')
+# Dev dependencies (requirements-dev.txt): a missing one fails here, loudly, as in test_parity.
+import adapters
+import torch
+import transformers
 
 from adapter_tuning import export, load_pretrained  # noqa: E402
 from adapter_tuning.errors import UsageError  # noqa: E402

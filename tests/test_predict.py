@@ -18,27 +18,14 @@ from adapter_tuning.predict import predict_rows, write_glue_submission
 from adapter_tuning.serving.multi_adapter import MultiTaskModel
 from adapter_tuning.training import trainable as tl
 from adapter_tuning.training.trainer import train_and_evaluate
-from adapter_tuning import config as common
 from conftest import GLUE_DIR
-from helpers import ROOT
+from helpers import ROOT, tiny_config
 
 
 def _config(base, task, source, **overrides):
-  config = common.get_config()
-  config.model.checkpoint = str(base)
-  config.model.adapter.size = 8
-  config.data.task = task
-  config.data.source = source
-  config.data.data_dir = str(GLUE_DIR) if source == 'glue_dir' else ''
-  config.data.max_seq_length = 32
-  config.data.max_train_examples = 128
-  config.data.max_eval_examples = 64
-  config.batch_size = 16
-  config.num_train_steps = 4
-  config.progress_bar = False
-  for k, v in overrides.items():
-    config[k] = v
-  return config
+  return tiny_config(base, task, **{
+      'data.source': source, 'data.data_dir': str(GLUE_DIR) if source == 'glue_dir' else '',
+      'data.max_train_examples': 128, 'data.max_eval_examples': 64, **overrides})
 
 
 RTE_ROWS = [{'text': f'premise number {i}', 'text_pair': 'a hypothesis', 'task': 'glue/rte'}

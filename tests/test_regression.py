@@ -7,11 +7,10 @@ import numpy as np
 import pytest
 
 from adapter_tuning.data import demo
-from adapter_tuning.models.heads import TargetScale, pool
-from adapter_tuning.models.heads import head_kind
+from adapter_tuning.models.heads import TargetScale, head_kind, pool
 from adapter_tuning.training.trainer import train_and_evaluate
-from adapter_tuning import config as common
 from conftest import GLUE_DIR, MINILM
+from helpers import tiny_config
 
 
 def test_target_scale_fold_is_the_raw_scale_head():
@@ -56,21 +55,10 @@ def test_constant_prediction_lines():
 
 
 def _stsb_config(**overrides):
-  config = common.get_config()
-  config.model.checkpoint = str(MINILM)
-  config.data.task = 'glue/stsb'
-  config.data.source = 'glue_dir'
-  config.data.data_dir = str(GLUE_DIR)
-  config.data.max_seq_length = 64
-  config.data.max_train_examples = 640
-  config.data.max_eval_examples = 200
-  config.batch_size = 16
-  config.num_train_steps = 40
-  config.learning_rate = 1e-3
-  config.progress_bar = False
-  for key, value in overrides.items():
-    config[key] = value
-  return config
+  return tiny_config(MINILM, 'glue/stsb', **{
+      'model.adapter.size': 64, 'data.source': 'glue_dir', 'data.data_dir': str(GLUE_DIR),
+      'data.max_seq_length': 64, 'data.max_train_examples': 640, 'data.max_eval_examples': 200,
+      'num_train_steps': 40, 'learning_rate': 1e-3, **overrides})
 
 
 def test_stsb_adapters_learn_a_non_constant_positive_predictor(tmp_path, capsys, minilm_dir):
@@ -97,18 +85,10 @@ def test_collapsed_classifier_is_reported_in_the_run_log(tmp_path, capsys):
   with open(tmp_path / 'eval.jsonl', 'w') as f:
     for i, r in enumerate(rows[200:]):
       f.write(json.dumps({'text': r['text'], 'label': 'rare' if i % 2 else 'common'}) + '\n')
-  config = common.get_config()
-  config.model.checkpoint = str(base)
-  config.model.adapter.size = 8
-  config.data.task = 'text'
-  config.data.source = 'files'
-  config.data.train_file = str(tmp_path / 'train.jsonl')
-  config.data.eval_file = str(tmp_path / 'eval.jsonl')
-  config.data.max_seq_length = 32
-  config.batch_size = 16
-  config.num_train_steps = 20
-  config.learning_rate = 1e-2
-  config.progress_bar = False
+  config = tiny_config(base, 'text', **{
+      'data.source': 'files', 'data.train_file': str(tmp_path / 'train.jsonl'),
+      'data.eval_file': str(tmp_path / 'eval.jsonl'), 'num_train_steps': 20,
+      'learning_rate': 1e-2})
   train_and_evaluate(config, tmp_path / 'run')
   out = capsys.readouterr().out
   warnings = [l for l in out.splitlines() if 'predictions are constant' in l]

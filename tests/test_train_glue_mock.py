@@ -7,7 +7,7 @@ import tensorflow_datasets as tfds
 
 from adapter_tuning.data import demo
 from adapter_tuning.training.trainer import train_and_evaluate
-from adapter_tuning import config as common
+from helpers import tiny_config
 
 
 @pytest.fixture(scope='module')
@@ -24,17 +24,9 @@ def tiny_base(tmp_path_factory):
 ])
 def test_whole_loop_on_mock_tfds(tmp_path, tiny_base, task, keys):
   import tensorflow_datasets.text  # noqa: F401  registers the glue builder without TF
-  config = common.get_config()
-  config.model.checkpoint = str(tiny_base)
-  config.model.adapter.size = 8
-  config.data.task = task
-  config.data.source = 'tfds'
-  config.data.max_seq_length = 32
-  config.batch_size = 8
-  config.eval_batch_size = 16
-  config.num_train_steps = 6
-  config.log_every_steps = 3
-  config.progress_bar = False
+  config = tiny_config(tiny_base, task, **{
+      'data.source': 'tfds', 'batch_size': 8, 'eval_batch_size': 16, 'num_train_steps': 6,
+      'log_every_steps': 3})
   with tfds.testing.mock_data(num_examples=40):
     metrics = train_and_evaluate(config, tmp_path)
   for key in keys:

@@ -4,7 +4,7 @@ import json
 
 from adapter_tuning.data import demo
 from adapter_tuning.training.trainer import train_and_evaluate
-from adapter_tuning import config as common
+from helpers import tiny_config
 
 
 def test_csv_task_end_to_end(tmp_path):
@@ -18,20 +18,10 @@ def test_csv_task_end_to_end(tmp_path):
   with open(tmp_path / 'eval.jsonl', 'w') as f:
     for r in rows[200:]:
       f.write(json.dumps({'review': r['text'], 'verdict': names[r['label']]}) + '\n')
-  config = common.get_config()
-  config.model.checkpoint = str(base)
-  config.model.adapter.size = 8
-  config.data.task = 'text'
-  config.data.source = 'files'
-  config.data.train_file = str(tmp_path / 'train.csv')
-  config.data.eval_file = str(tmp_path / 'eval.jsonl')
-  config.data.text_key = 'review'
-  config.data.label_key = 'verdict'
-  config.data.name = 'reviews'
-  config.data.max_seq_length = 32
-  config.batch_size = 16
-  config.num_train_steps = 5
-  config.progress_bar = False
+  config = tiny_config(base, 'text', **{
+      'data.source': 'files', 'data.train_file': str(tmp_path / 'train.csv'),
+      'data.eval_file': str(tmp_path / 'eval.jsonl'), 'data.text_key': 'review',
+      'data.label_key': 'verdict', 'data.name': 'reviews', 'num_train_steps': 5})
   metrics = train_and_evaluate(config, tmp_path / 'run')
   assert 'eval/accuracy' in metrics
   meta = json.loads((tmp_path / 'run' / 'adapter' / 'config.json').read_text())
