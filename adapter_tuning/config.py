@@ -45,7 +45,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.head.standardize_targets = True   # regression: learn (y - mean) / std of the train
                                             # split, folded back into the head for eval/artifact
 
-  # What trains: adapters (adapters + all layer norms + head, the paper) | full | head | top:K,
+  # What trains: adapters (adapters + all layer norms + head, the paper) | peft (adapters + head,
+  # LayerNorms frozen: AdapterHub's and peft's recipe) | full | head | top:K,
   # or a tuple of (regex over '/'-joined param paths, 'train' | 'freeze') rules, first match wins.
   c.trainable = ml_collections.FieldReference('adapters', field_type=object)
 

@@ -37,6 +37,13 @@ def test_adapters_preset_trains_adapters_layer_norms_and_head():
       'head/bias', 'head/kernel']
 
 
+def test_peft_preset_trains_method_params_and_head_not_layer_norms():
+  assert _trained(tl.resolve('peft', 2)) == [
+      'encoder/layer_0/ffn_adapter/down/bias', 'encoder/layer_0/ffn_adapter/down/kernel',
+      'encoder/layer_0/ffn_adapter/up/bias', 'encoder/layer_0/ffn_adapter/up/kernel',
+      'head/bias', 'head/kernel']
+
+
 def test_head_full_and_top_k():
   assert _trained(tl.resolve('head', 2)) == ['head/bias', 'head/kernel']
   assert len(_trained(tl.resolve('full', 2))) == 17

@@ -96,7 +96,7 @@ def ensure_checkpoint(directory: pathlib.Path, seed: int = 1234) -> pathlib.Path
     table[vocab.index(word)] += direction
   for word in NEGATIVE:
     table[vocab.index(word)] -= direction
-  save_file(hf_checkpoint.export_encoder_state(params), str(directory / 'model.safetensors'))
+  save_file(hf_checkpoint.export_encoder_state(params, 'bert'), str(directory / 'model.safetensors'))
   try:
     directory.rename(final)
   except OSError:  # another process finished first: theirs is identical

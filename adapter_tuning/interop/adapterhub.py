@@ -55,6 +55,7 @@ import numpy as np
 from adapter_tuning.errors import UsageError
 from adapter_tuning.interop import hf_checkpoint
 from adapter_tuning.models.encoder import ModelConfig
+from adapter_tuning.models.families import families, family_named
 from adapter_tuning.peft.bottleneck import AdapterConfig
 
 ADAPTERHUB_VERSION = 'adapters.1.3.0'  # the library version these facts were checked on
@@ -64,7 +65,6 @@ HEAD_CONFIG = 'head_config.json'
 HEAD_WEIGHTS = ('model_head.safetensors', 'pytorch_model_head.bin')
 LAYER_NORMS = 'layer_norms.safetensors'
 
-MODEL_CLASS = {'bert': 'BertAdapterModel', 'roberta': 'RobertaAdapterModel'}
 _SITES = {'attention': 'attention.output', 'ffn': 'output'}  # ours -> HF module path
 _PROJ = {'down': 'adapter_down.0', 'up': 'adapter_up'}
 _TO_AH_ACT = {'gelu': 'gelu', 'gelu_tanh': 'gelu_new', 'relu': 'relu', 'swish': 'swish',
@@ -172,8 +172,9 @@ def to_adapterhub(params: dict, meta: dict, config: ModelConfig, name: str,
   Raises UsageError naming the params AdapterHub cannot represent (anything other than
   adapters, LayerNorms, the head, and the pooler under a classification head).
   """
-  if config.family not in MODEL_CLASS:
-    raise UsageError(f'AdapterHub export supports BERT and RoBERTa bases, not {config.family!r}')
+  family = family_named(config.family)
+  if not family.adapterhub_model_class:
+    raise UsageError(f'AdapterHub export has no model class for {config.family!r} bases')
   if not re.fullmatch(r'[A-Za-z0-9_\-]+', name):
     raise UsageError(f'AdapterHub adapter name {name!r} must be letters, digits, _ or -; '
                      'pass --name')
@@ -236,11 +237,11 @@ def to_adapterhub(params: dict, meta: dict, config: ModelConfig, name: str,
             reduction_factor=reduction_factor(d, size),
             original_ln_before=adapter.original_ln_before,
             original_ln_after=True, residual_before_ln=True, scaling=1.0)
-  top = {'hidden_size': d, 'model_class': MODEL_CLASS[prefix], 'model_name': base_name,
+  top = {'hidden_size': d, 'model_class': family.adapterhub_model_class, 'model_name': base_name,
          'model_type': prefix, 'name': name, 'version': ADAPTERHUB_VERSION}
   head_config, head_state = _head_to_adapterhub(head, meta, name, head_params, pooler,
                                                 meta.get('pooling', 'pooler'))
-  ln_state = hf_checkpoint.export_encoder_state(tu.unflatten_dict(ln_params)) if ln_params else None
+  ln_state = hf_checkpoint.export_encoder_state(tu.unflatten_dict(ln_params), config.family) if ln_params else None
   # Top-level extra keys are how AdapterHub itself stores meta_dict; its loader ignores them.
   origin = {'task': meta.get('task'), 'max_seq_length': meta.get('max_seq_length'),
             'base': {k: (meta.get('base') or {}).get(k) for k in ('name', 'sha256')}}
@@ -341,7 +342,7 @@ def from_adapterhub(files: AdapterHubFiles, config: ModelConfig) -> Imported:
   """AdapterHub files -> trainable params in our layout, plus the artifact meta they fix."""
   cfg = files.adapter_config
   model_type = cfg.get('model_type')
-  if model_type not in MODEL_CLASS:
+  if model_type not in [f.name for f in families() if f.adapterhub_model_class]:
     raise UsageError(f'the AdapterHub adapter was made for model_type {model_type!r}; only '
                      'BERT and RoBERTa adapters import')
   if model_type != config.family or cfg.get('hidden_size', config.hidden_size) != config.hidden_size:
@@ -449,7 +450,8 @@ def _layer_norm_paths(config: ModelConfig):
 
 
 def _layer_norms_from_state(state: dict, config: ModelConfig) -> dict:
-  by_key = {hf_checkpoint._hf_name(p)[0]: p for p in _layer_norm_paths(config)}  # pylint: disable=protected-access
+  by_key = {hf_checkpoint.checkpoint_key(p, config.family)[0]: p
+            for p in _layer_norm_paths(config)}
   out, unknown = {}, []
   for key, value in state.items():
     bare = re.sub(r'^(bert|roberta)\.', '', key)

@@ -17,10 +17,10 @@ import pathlib
 import numpy as np
 
 from adapter_tuning.errors import UsageError
-from adapter_tuning.models.activations import ACTIVATIONS
 from adapter_tuning.models.encoder import ModelConfig
+from adapter_tuning.models.families import family_named
+from adapter_tuning import peft
 
-SUPPORTED_MODEL_TYPES = ('bert', 'roberta')
 WEIGHT_FILES = ('model.safetensors', 'model.safetensors.index.json', 'pytorch_model.bin')
 
 
@@ -59,32 +59,7 @@ def read_model_config(directory: pathlib.Path) -> ModelConfig:
     hf = json.loads(config_path.read_text())
   except json.JSONDecodeError as e:
     raise UsageError(f'{config_path} is not valid JSON ({e}); re-save the checkpoint') from None
-  model_type = hf.get('model_type')
-  if model_type not in SUPPORTED_MODEL_TYPES:
-    raise UsageError(f'unsupported model_type {model_type!r} in {config_path}; '
-                     f'supported: {", ".join(SUPPORTED_MODEL_TYPES)}')
-  act = hf.get('hidden_act', 'gelu')
-  if act not in ACTIVATIONS:
-    raise UsageError(f'unsupported hidden_act {act!r} in {config_path}; supported: '
-                     f'{", ".join(ACTIVATIONS)}')
-  if hf.get('position_embedding_type', 'absolute') != 'absolute':
-    raise UsageError(f'position_embedding_type {hf["position_embedding_type"]!r} in '
-                     f'{config_path} is not supported; only absolute positions are')
-  return ModelConfig(
-      family=model_type,
-      vocab_size=hf['vocab_size'],
-      hidden_size=hf['hidden_size'],
-      num_layers=hf['num_hidden_layers'],
-      num_heads=hf['num_attention_heads'],
-      intermediate_size=hf['intermediate_size'],
-      max_positions=hf['max_position_embeddings'],
-      type_vocab_size=hf.get('type_vocab_size', 2),
-      pad_token_id=hf.get('pad_token_id', 0 if model_type == 'bert' else 1),
-      layer_norm_eps=hf.get('layer_norm_eps', 1e-12),
-      hidden_act=act,
-      hidden_dropout=hf.get('hidden_dropout_prob', 0.1),
-      attention_dropout=hf.get('attention_probs_dropout_prob', 0.1),
-  )
+  return family_named(hf.get('model_type')).read_config(hf, config_path)
 
 
 def _load_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
@@ -143,10 +118,10 @@ def checkpoint_identity(directory: pathlib.Path) -> dict:
   return {'name': directory.name, 'sha256': digest.hexdigest()}
 
 
-def _strip_prefix(state: dict[str, np.ndarray], family: str) -> dict[str, np.ndarray]:
+def _strip_prefix(state: dict[str, np.ndarray], prefixes: tuple[str, ...]) -> dict[str, np.ndarray]:
   out = {}
   for key, value in state.items():
-    for prefix in (f'{family}.', 'bert.', 'roberta.', 'model.'):
+    for prefix in prefixes:
       if key.startswith(prefix):
         key = key[len(prefix):]
         break
@@ -156,32 +131,9 @@ def _strip_prefix(state: dict[str, np.ndarray], family: str) -> dict[str, np.nda
   return out
 
 
-def _hf_name(path: tuple[str, ...]) -> tuple[str, str]:
-  """Maps a Flax param path (under the encoder) to (HF key, kind of conversion)."""
-  leaf = path[-1]
-  if path[0] == 'embeddings':
-    if path[1] == 'layer_norm':
-      return f'embeddings.LayerNorm.{"weight" if leaf == "scale" else "bias"}', 'copy'
-    return f'embeddings.{path[1]}.weight', 'copy'
-  if path[0] == 'pooler':
-    return f'pooler.dense.{"weight" if leaf == "kernel" else "bias"}', 'linear'
-  layer = int(path[0].split('_')[1])
-  base = f'encoder.layer.{layer}.'
-  wb = 'weight' if leaf in ('kernel', 'scale') else 'bias'
-  module = path[1]
-  if module == 'attention':
-    proj = path[2]
-    if proj == 'out':
-      return base + f'attention.output.dense.{wb}', 'attn_out'
-    return base + f'attention.self.{proj}.{wb}', 'attn_in'
-  names = {
-      'attention_layer_norm': 'attention.output.LayerNorm',
-      'intermediate': 'intermediate.dense',
-      'output': 'output.dense',
-      'ffn_layer_norm': 'output.LayerNorm',
-  }
-  kind = 'copy' if module.endswith('layer_norm') else 'linear'
-  return base + f'{names[module]}.{wb}', kind
+def checkpoint_key(path: tuple[str, ...], family: str) -> tuple[str, str]:
+  """A Flax param path under the encoder -> (HF key, conversion kind), by the family's map."""
+  return family_named(family).checkpoint_key(path)
 
 
 def _convert(value: np.ndarray, kind: str, target_shape: tuple[int, ...], leaf: str):
@@ -203,7 +155,7 @@ def convert_encoder_params(state: dict[str, np.ndarray], shapes, family: str,
   Args:
     state: HF tensors.
     shapes: nested dict of ShapeDtypeStruct for the encoder params (from `eval_shape`).
-    family: 'bert' or 'roberta'.
+    family: the family's name (models/families), whose key map names each tensor.
     source: checkpoint directory, for error messages.
 
   Returns:
@@ -211,13 +163,14 @@ def convert_encoder_params(state: dict[str, np.ndarray], shapes, family: str,
     out of params.
   """
   import flax.traverse_util as tu
-  state = _strip_prefix(state, family)
+  family_spec = family_named(family)
+  state = _strip_prefix(state, family_spec.key_prefixes + ('model.',))
   flat_shapes = tu.flatten_dict(shapes)
   params, used = {}, set()
   for path, spec in flat_shapes.items():
-    if any(p.endswith('_adapter') for p in path):
+    if peft.is_method_param(path):
       continue
-    key, kind = _hf_name(path)
+    key, kind = family_spec.checkpoint_key(path)
     if key not in state and path[0] == 'pooler':
       continue  # checkpoints saved without a pooler: the caller keeps its fresh init
     if key not in state:
@@ -235,17 +188,18 @@ def convert_encoder_params(state: dict[str, np.ndarray], shapes, family: str,
   return tu.unflatten_dict(params), unused
 
 
-def export_encoder_state(params: dict) -> dict[str, np.ndarray]:
+def export_encoder_state(params: dict, family: str) -> dict[str, np.ndarray]:
   """The inverse of `convert_encoder_params`: HF-named torch-layout tensors (no prefix).
 
-  Adapter params are skipped; they have their own export formats.
+  PEFT method params are skipped; they have their own export formats.
   """
   import flax.traverse_util as tu
+  family_spec = family_named(family)
   state = {}
   for path, value in tu.flatten_dict(params).items():
-    if any(p.endswith('_adapter') for p in path):
+    if peft.is_method_param(path):
       continue
-    key, kind = _hf_name(path)
+    key, kind = family_spec.checkpoint_key(path)
     value = np.asarray(value, np.float32)
     leaf = path[-1]
     if kind == 'attn_in':

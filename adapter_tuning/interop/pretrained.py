@@ -17,8 +17,7 @@ from adapter_tuning.errors import UsageError
 from adapter_tuning.interop import hf_checkpoint
 from adapter_tuning.interop.tokenization import Tokenizer, load_tokenizer
 from adapter_tuning.models.encoder import Encoder, ModelConfig
-from adapter_tuning.peft import bottleneck
-from adapter_tuning.peft.bottleneck import AdapterConfig
+from adapter_tuning import peft
 
 
 @dataclasses.dataclass
@@ -29,7 +28,7 @@ class Pretrained:
   params: dict
   tokenizer: Tokenizer
   config: ModelConfig
-  adapter: Optional[AdapterConfig]
+  adapter: Optional[object]  # the PEFT method's config (peft), or None
   directory: pathlib.Path
 
   @functools.cached_property
@@ -76,9 +75,9 @@ def load_pretrained(path_or_name, adapter=None, *, dtype=jnp.float32,
   """
   directory = hf_checkpoint.resolve_checkpoint(path_or_name)
   config = hf_checkpoint.read_model_config(directory)
-  adapter = AdapterConfig.from_any(adapter)
+  adapter = peft.as_config(adapter)
   if adapter is not None:
-    adapter.check_layers(config.num_layers)
+    adapter.check(config)
   model = Encoder(config, adapter, dtype=dtype, remat=remat)
   tokenizer = load_tokenizer(directory, config.family, config.pad_token_id)
   state = hf_checkpoint.load_state_dict(directory)
@@ -98,18 +97,17 @@ def load_pretrained(path_or_name, adapter=None, *, dtype=jnp.float32,
 def init_params(model: Encoder, seed: int) -> dict:
   """Fresh params: adapters near identity, the rest zeros (the checkpoint overwrites them).
 
-  Shapes come from `eval_shape` (no compile); adapter kernels from
-  `bottleneck.init_kernels` (NumPy). A pooler that the checkpoint lacks keeps a BERT-style
+  Shapes come from `eval_shape` (no compile); the PEFT method's params from its
+  `init_layer` (bottleneck: `init_kernels`, NumPy). A pooler that the checkpoint lacks keeps a BERT-style
   N(0, 0.02) init.
   """
   ids = jnp.zeros((1, 8), jnp.int32)
   shapes = jax.eval_shape(model.init, jax.random.PRNGKey(seed), ids, ids, ids)['params']
   params = jax.tree.map(lambda v: np.zeros(v.shape, v.dtype), shapes)
   a = model.adapter
-  for i in range(model.config.num_layers):
-    for site in ('attention', 'ffn'):
-      if a is not None and a.has_adapter(i, site):
-        bottleneck.init_kernels(params[f'layer_{i}'][f'{site}_adapter'], a, i, site, seed)
+  if a is not None:
+    for i in range(model.config.num_layers):
+      a.init_layer(params[f'layer_{i}'], i)
   pooler = params['pooler']['kernel']
   pooler[...] = np.random.default_rng((seed, 10_000)).normal(0.0, 0.02, pooler.shape)
   return params

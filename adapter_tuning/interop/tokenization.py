@@ -17,6 +17,7 @@ import tokenizers
 from tokenizers import processors
 
 from adapter_tuning.errors import UsageError
+from adapter_tuning.models.families import family_named
 
 
 class Tokenizer:
@@ -24,8 +25,9 @@ class Tokenizer:
 
   Attributes:
     backend: the Rust tokenizer, padding and truncation disabled.
-    family: 'bert' ([CLS] a [SEP] b [SEP], type ids 0/1) or 'roberta'
-      (<s> a </s></s> b </s>, type ids all 0).
+    family: the encoder family's name; its `models/families` entry says how one or two
+      texts are wrapped in special tokens (BERT: [CLS] a [SEP] b [SEP], type ids 0/1;
+      RoBERTa: <s> a </s></s> b </s>, type ids all 0).
     cls_id, sep_id, pad_id: special token ids.
   """
 
@@ -34,8 +36,9 @@ class Tokenizer:
     backend.no_truncation()
     self.backend = backend
     self.family = family
+    self._family = family_named(family)
     self.pad_id = pad_id
-    cls_token, sep_token = ('[CLS]', '[SEP]') if family == 'bert' else ('<s>', '</s>')
+    cls_token, sep_token = self._family.special_tokens
     self.cls_id = backend.token_to_id(cls_token)
     self.sep_id = backend.token_to_id(sep_token)
     if self.cls_id is None or self.sep_id is None:
@@ -48,23 +51,11 @@ class Tokenizer:
 
   @property
   def num_special_tokens_pair(self) -> int:
-    return 3 if self.family == 'bert' else 4
+    return self._family.num_special_tokens_pair
 
   def build_pair(self, ids_a, ids_b=None):
     """Adds special tokens around one or two id sequences, as the checkpoint does."""
-    ids_a = list(ids_a)
-    if self.family == 'bert':
-      ids = [self.cls_id] + ids_a + [self.sep_id]
-      types = [0] * len(ids)
-      if ids_b is not None:
-        ids += list(ids_b) + [self.sep_id]
-        types += [1] * (len(ids_b) + 1)
-    else:
-      ids = [self.cls_id] + ids_a + [self.sep_id]
-      if ids_b is not None:
-        ids += [self.sep_id] + list(ids_b) + [self.sep_id]
-      types = [0] * len(ids)
-    return ids, types
+    return self._family.build_pair(self.cls_id, self.sep_id, ids_a, ids_b)
 
   def tokenize(self, texts, text_pairs=None, max_length: int = 128):
     """Tokenises a batch: ragged int32 `input_ids` and `token_type_ids`, with special tokens.

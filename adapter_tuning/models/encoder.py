@@ -1,9 +1,10 @@
-"""A Flax Linen encoder for the BERT family (BERT, RoBERTa), with optional adapters.
+"""A Flax Linen encoder for BERT-like families (BERT, RoBERTa), with PEFT hooks.
 
-One module tree serves both families: RoBERTa differs only in how position ids are made
-(offset past the padding index) and in having a single token type. Parameter paths are
-what the rest of the project matches on: adapter parameters live under `*_adapter/`,
-every LayerNorm under `*layer_norm/`, the task head under `head/`.
+One module tree serves every family; what differs (position ids today) is asked of the
+family (`models/families`), and what a PEFT method adds is asked of its config at each
+layer site (`peft`). Parameter paths are what the rest of the project matches on: a PEFT
+method's parameters live under its marker (bottleneck adapters: `*_adapter/`), every
+LayerNorm under `*layer_norm/`, the task head under `head/`.
 """
 
 from __future__ import annotations
@@ -16,14 +17,13 @@ import jax
 import jax.numpy as jnp
 
 from adapter_tuning.models.activations import bias_act
-from adapter_tuning.peft.bottleneck import Adapter, AdapterConfig
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Geometry of a BERT-family encoder, read from a Hugging Face `config.json`."""
 
-  family: str = 'bert'  # 'bert' | 'roberta'
+  family: str = 'bert'  # config.json's model_type: a name of models/families
   vocab_size: int = 30522
   hidden_size: int = 768
   num_layers: int = 12
@@ -39,8 +39,9 @@ class ModelConfig:
 
   @property
   def position_offset(self) -> int:
-    """RoBERTa numbers positions from pad_token_id + 1; BERT from 0."""
-    return self.pad_token_id + 1 if self.family == 'roberta' else 0
+    """The first position id of a sequence (RoBERTa: pad_token_id + 1; BERT: 0)."""
+    from adapter_tuning.models.families import family_named
+    return family_named(self.family).position_offset(self)
 
   @property
   def max_seq_length(self) -> int:
@@ -103,12 +104,9 @@ class Embeddings(nn.Module):
 
   @nn.compact
   def __call__(self, input_ids_BxT, token_type_ids_BxT, deterministic: bool):
+    from adapter_tuning.models.families import family_named
     cfg = self.config
-    if cfg.family == 'roberta':
-      not_pad_BxT = (input_ids_BxT != cfg.pad_token_id).astype(jnp.int32)
-      positions_BxT = jnp.cumsum(not_pad_BxT, axis=1) * not_pad_BxT + cfg.pad_token_id
-    else:
-      positions_BxT = jnp.broadcast_to(jnp.arange(input_ids_BxT.shape[1]), input_ids_BxT.shape)
+    positions_BxT = family_named(cfg.family).position_ids(input_ids_BxT, cfg)
     x = nn.Embed(cfg.vocab_size, cfg.hidden_size, name='word_embeddings')(input_ids_BxT)
     x += nn.Embed(cfg.max_positions, cfg.hidden_size, name='position_embeddings')(positions_BxT)
     x += nn.Embed(cfg.type_vocab_size, cfg.hidden_size,
@@ -148,15 +146,19 @@ class SelfAttention(nn.Module):
 
   config: ModelConfig
   dtype: jnp.dtype = jnp.float32
+  adapter: Optional[object] = None  # the PEFT method's config: hooks at the projections
+  index: int = 0  # the layer's index, for the hooks
 
   @nn.compact
   def __call__(self, x_BxTxD, mask_BxT, deterministic: bool, dropout_rng=None):
     cfg = self.config
     head_dim = cfg.hidden_size // cfg.num_heads
-    dense = lambda name: nn.DenseGeneral((cfg.num_heads, head_dim), dtype=self.dtype, name=name)
-    q_BxTxNxH = dense('query')(x_BxTxD)
-    k_BxTxNxH = dense('key')(x_BxTxD)
-    v_BxTxNxH = dense('value')(x_BxTxD)
+    project = lambda site, x, y: hooked(self.adapter, self.index, site, self.dtype, x, y)
+    dense = lambda name: project(name, x_BxTxD, nn.DenseGeneral(
+        (cfg.num_heads, head_dim), dtype=self.dtype, name=name)(x_BxTxD))
+    q_BxTxNxH = dense('query')
+    k_BxTxNxH = dense('key')
+    v_BxTxNxH = dense('value')
     if not deterministic and cfg.attention_dropout > 0:
       drop = Dropout(cfg.attention_dropout)
       out_BxTxNxH = folded_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, mask_BxT,
@@ -164,8 +166,8 @@ class SelfAttention(nn.Module):
     else:
       out_BxTxNxH = jax.nn.dot_product_attention(
           q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, mask=mask_BxT[:, None, None, :])
-    return nn.DenseGeneral(cfg.hidden_size, axis=(-2, -1), dtype=self.dtype,
-                           name='out')(out_BxTxNxH)
+    return project('attention_out', out_BxTxNxH, nn.DenseGeneral(
+        cfg.hidden_size, axis=(-2, -1), dtype=self.dtype, name='out')(out_BxTxNxH))
 
 
 class DenseAct(nn.Module):
@@ -186,23 +188,23 @@ class DenseAct(nn.Module):
     return bias_act(self.act)(y, bias.astype(self.dtype))
 
 
-class TransformerLayer(nn.Module):
-  """Post-LN layer: LN(x + Adapter(Drop(Attn(x)))), then LN(h + Adapter(Drop(FFN(h)))).
+def hooked(peft_config, layer: int, site: str, dtype, x, y):
+  """y, or what the PEFT method's module at a projection site makes of (x, y) (peft)."""
+  hook = None if peft_config is None else peft_config.hook(layer, site, dtype)
+  return y if hook is None else hook(x, y)
 
-  With adapter.original_ln_before, a site's adapter reads LN(x + a) (that same LayerNorm)
-  and adds its output to a: LN(x + a + up(f(down(LN(x + a))))), as AdapterHub computes it.
+
+class TransformerLayer(nn.Module):
+  """Post-LN layer: LN(x + hook(Drop(Attn(x)))), then LN(h + hook(Drop(FFN(h)))).
+
+  `adapter` is the PEFT method's config (peft): at each site the layer runs the module it
+  hands out, if any: bottleneck adapters at the two sub-layer sites.
   """
 
   config: ModelConfig
-  adapter: Optional[AdapterConfig]
+  adapter: Optional[object]  # a peft method config (bottleneck.AdapterConfig)
   index: int
   dtype: jnp.dtype = jnp.float32
-
-  def _adapter(self, site):
-    a = self.adapter
-    if a is None or not a.has_adapter(self.index, site):
-      return None
-    return Adapter(a.size, a.activation, dtype=self.dtype, name=f'{site}_adapter')
 
   @nn.compact
   def __call__(self, x_BxTxD, mask_BxT, deterministic: bool, dropout_rng=None):
@@ -212,23 +214,25 @@ class TransformerLayer(nn.Module):
     drop = lambda y, k: Dropout(cfg.hidden_dropout)(y, deterministic=deterministic, rng=key(k))
     ln = lambda name: nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=self.dtype, name=name)
 
+    hook = lambda site: None if self.adapter is None else self.adapter.hook(
+        self.index, site, self.dtype)
+    project = lambda site, x, y: hooked(self.adapter, self.index, site, self.dtype, x, y)
+
     def add_and_norm(site, residual_BxTxD, y_BxTxD):
       norm = ln(f'{site}_layer_norm')
-      if (adapter := self._adapter(site)) is not None:
-        if self.adapter.original_ln_before:
-          y_BxTxD = adapter(norm(residual_BxTxD + y_BxTxD), y_BxTxD)
-        else:
-          y_BxTxD = adapter(y_BxTxD)
+      if (module := hook(site)) is not None:
+        y_BxTxD = module(y_BxTxD, residual_BxTxD, norm)
       return norm(residual_BxTxD + y_BxTxD)
 
-    a_BxTxD = drop(SelfAttention(cfg, self.dtype, name='attention')(
+    a_BxTxD = drop(SelfAttention(cfg, self.dtype, self.adapter, self.index, name='attention')(
         x_BxTxD, mask_BxT, deterministic, key(0)), 1)
     h_BxTxD = add_and_norm('attention', x_BxTxD, a_BxTxD)
 
-    f_BxTxF = DenseAct(cfg.intermediate_size, cfg.hidden_act, self.dtype, name='intermediate')(
-        h_BxTxD)
-    f_BxTxD = drop(nn.Dense(cfg.hidden_size, dtype=self.dtype, name='output')(f_BxTxF), 2)
-    return add_and_norm('ffn', h_BxTxD, f_BxTxD)
+    f_BxTxF = project('intermediate', h_BxTxD, DenseAct(
+        cfg.intermediate_size, cfg.hidden_act, self.dtype, name='intermediate')(h_BxTxD))
+    f_BxTxD = project('output', f_BxTxF,
+                      nn.Dense(cfg.hidden_size, dtype=self.dtype, name='output')(f_BxTxF))
+    return add_and_norm('ffn', h_BxTxD, drop(f_BxTxD, 2))
 
 
 class Encoder(nn.Module):
@@ -251,7 +255,7 @@ class Encoder(nn.Module):
   """
 
   config: ModelConfig
-  adapter: Optional[AdapterConfig] = None
+  adapter: Optional[object] = None  # a peft method config (bottleneck.AdapterConfig)
   dtype: jnp.dtype = jnp.float32
   remat: bool = False
   scan: bool = False

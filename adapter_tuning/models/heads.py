@@ -22,7 +22,6 @@ import optax
 
 from adapter_tuning.errors import UsageError
 from adapter_tuning.models.encoder import Dropout, Encoder, ModelConfig
-from adapter_tuning.peft.bottleneck import AdapterConfig
 
 POOLINGS = ('pooler', 'cls', 'mean')
 HEAD_INIT = nn.initializers.normal(0.02)  # every head kernel; biases start at zero
@@ -205,7 +204,7 @@ class TaskModel(nn.Module):
   """Returns logits [B, num_outputs] (one vector per example) or [B, T, 2] (span)."""
 
   config: ModelConfig
-  adapter: Optional[AdapterConfig]
+  adapter: Optional[object]  # a peft method config (bottleneck.AdapterConfig)
   head: str  # a key of HEADS
   num_outputs: int
   dtype: jnp.dtype = jnp.float32

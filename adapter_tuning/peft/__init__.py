@@ -1,1 +1,123 @@
-"""Parameter-efficient methods that hook into the frozen encoder: bottleneck adapters today."""
+"""Parameter-efficient methods: one module per method, all through one seam.
+
+A method's config object (`bottleneck.AdapterConfig` today) is what the encoder is given
+(`Encoder.adapter`, `load_pretrained(adapter=...)`). At each site of each transformer layer
+the encoder asks it `hook(layer, site, dtype)` for a Flax module to run there (None: nothing
+runs) and knows nothing else about the method:
+
+  sub-layer sites   'attention', 'ffn': the module is called as hook(y, residual, norm) and
+                    returns y'; the layer then computes norm(residual + y') (post-LN BERT).
+                    Bottleneck adapters (Houlsby: both; Pfeiffer: 'ffn') hook here.
+  projection sites  'query', 'key', 'value', 'attention_out' (attention), 'intermediate',
+                    'output' (FFN): called as hook(x, y) with y = that projection of x, returns
+                    y' (where LoRA adds B A x and IA³ scales y). Their modules live under
+                    layer_i/attention/ for the four attention sites (`site_scope`).
+
+Every parameter a method creates lives under a module whose name ends with the method's
+`param_marker` (bottleneck: 'layer_3/ffn_adapter/...'). The `adapters` trainable preset,
+artifacts, multi-adapter serving and export find a method's parameters by that marker, and
+`init_layer` (the method's only initialiser) draws them, so a new method is one new module
+here plus one entry in `methods()`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Callable
+
+SUBLAYER_SITES = ('attention', 'ffn')
+ATTENTION_SITES = ('query', 'key', 'value', 'attention_out')  # modules under layer_i/attention/
+PROJECTION_SITES = ATTENTION_SITES + ('intermediate', 'output')
+SITES = SUBLAYER_SITES + PROJECTION_SITES
+
+
+def site_scope(layer_params: dict, site: str) -> dict:
+  """The params dict a site's module lives in: `layer_i/attention/` for the attention
+  projections (the attention module creates them), `layer_i/` for the rest."""
+  return layer_params['attention'] if site in ATTENTION_SITES else layer_params
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """One PEFT method, as the rest of the code sees it.
+
+  Its config class (a frozen, hashable dataclass: it is a Flax module attribute) implements
+  `hook(layer, site, dtype) -> nn.Module | None`, `sites(layer) -> tuple[str, ...]`,
+  `init_layer(layer_params, layer)` (draws its params in place) and `check(model_config)`
+  (a one-line UsageError when it does not fit the encoder, before anything loads), and has
+  a `seed` field (the run's seed: its init draws from it).
+  """
+
+  name: str
+  config_class: type
+  param_marker: str  # the suffix of every module name the method creates
+  from_run_config: Callable  # the run config -> a config_class instance, or None (no method)
+  from_meta: Callable  # an artifact's recorded config (dict or None) -> config or None
+  union: Callable  # [configs] -> one config whose modules hold each of them (serving)
+
+
+def methods() -> tuple[Method, ...]:
+  from adapter_tuning.peft import bottleneck  # lazy: method modules import the layers
+  return (bottleneck.METHOD,)
+
+
+def method_of(config) -> Method:
+  """The method a config object belongs to."""
+  for method in methods():
+    if isinstance(config, method.config_class):
+      return method
+  raise TypeError(f'{type(config).__name__} is not the config of a known PEFT method')
+
+
+def param_patterns() -> tuple[str, ...]:
+  """Regexes (re.search on '/'-joined param paths) matching every method's parameters."""
+  return tuple(re.escape(m.param_marker) + '/' for m in methods())
+
+
+def is_method_param(path) -> bool:
+  """Whether a param path (a tuple of names, or '/'-joined) lies in a PEFT method's module."""
+  names = path.split('/') if isinstance(path, str) else path
+  markers = tuple(m.param_marker for m in methods())
+  return any(name.endswith(markers) for name in names)
+
+
+def method_named(name: str) -> Method:
+  for method in methods():
+    if method.name == name:
+      return method
+  from adapter_tuning.errors import UsageError
+  raise UsageError(f'unknown PEFT method {name!r}; known: '
+                   f'{", ".join(m.name for m in methods())}')
+
+
+def as_config(adapter, method: str = 'bottleneck'):
+  """None, a method's config object, or its keys as a dict / ConfigDict -> config or None."""
+  if adapter is None or any(isinstance(adapter, m.config_class) for m in methods()):
+    return adapter
+  return method_named(method).from_meta(adapter)
+
+
+def from_run_config(config):
+  """The run's PEFT config from `config.model` (bottleneck adapters: `model.adapter`)."""
+  return method_named('bottleneck').from_run_config(config)
+
+
+def config_from_meta(meta: dict):
+  """The PEFT config an artifact records (`method`, default bottleneck; `adapter`)."""
+  recorded = meta.get('adapter')
+  return None if not recorded else method_named(meta.get('method', 'bottleneck')).from_meta(
+      recorded)
+
+
+def union(configs: list):
+  """One config whose modules hold every given config's, for serving them in one pass."""
+  configs = [c for c in configs if c is not None]
+  if not configs:
+    return None
+  kinds = {method_of(c).name for c in configs}
+  if len(kinds) > 1:
+    from adapter_tuning.errors import UsageError
+    raise UsageError(f'cannot serve PEFT methods {sorted(kinds)} in one pass; run them '
+                     'separately')
+  return method_of(configs[0]).union(configs)

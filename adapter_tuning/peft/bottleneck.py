@@ -1,7 +1,9 @@
 """Bottleneck adapters (Houlsby et al. 2019): h + W_up f(W_down h + b_down) + b_up.
 
-The adapter config is a small frozen dataclass, validated once, so that a bad size or
-placement fails at load time with a message rather than deep inside `init`.
+A PEFT method on the seam of `adapter_tuning.peft` (`METHOD`): it hooks the sub-layer sites,
+'attention' and 'ffn' (Houlsby) or 'ffn' only (Pfeiffer), with modules named
+'{site}_adapter'. The config is a small frozen dataclass, validated once, so that a bad
+size or placement fails at load time with a message rather than deep inside `init`.
 """
 
 from __future__ import annotations
@@ -15,8 +17,12 @@ import numpy as np
 
 from adapter_tuning.errors import UsageError
 from adapter_tuning.models.activations import ACTIVATIONS
+from adapter_tuning.peft import Method
 
 PLACEMENTS = ('houlsby', 'pfeiffer', 'none')
+SITES = ('attention', 'ffn')  # the sub-layer sites of peft.SUBLAYER_SITES it can hook
+PARAM_MARKER = '_adapter'
+
 
 @dataclasses.dataclass(frozen=True)
 class AdapterConfig:
@@ -90,7 +96,24 @@ class AdapterConfig:
       return False
     return site == 'ffn' or self.placement == 'houlsby'
 
-  def check_layers(self, num_layers: int):
+  def sites(self, layer: int) -> tuple[str, ...]:
+    return tuple(site for site in SITES if self.has_adapter(layer, site))
+
+  def hook(self, layer: int, site: str, dtype):
+    """The module the encoder runs at (layer, site), or None (peft's seam)."""
+    if site not in SITES or not self.has_adapter(layer, site):
+      return None
+    return Adapter(self.size, self.activation, self.original_ln_before, dtype=dtype,
+                   name=f'{site}{PARAM_MARKER}')
+
+  def init_layer(self, layer_params: dict, layer: int):
+    """Draws this layer's adapter kernels in place (`init_kernels`)."""
+    for site in self.sites(layer):
+      init_kernels(layer_params[f'{site}{PARAM_MARKER}'], self, layer, site, self.seed)
+
+  def check(self, model_config):
+    """Fails with one line when the adapter does not fit the encoder (peft's seam)."""
+    num_layers = model_config.num_layers
     if self.layers is not None:
       bad = [i for i in self.layers if not 0 <= i < num_layers]
       if bad:
@@ -121,17 +144,62 @@ def init_kernels(site_params: dict, config: AdapterConfig, layer: int, site: str
 
 
 class Adapter(nn.Module):
-  """x + up(f(down(x))); `residual` replaces the x added back. Params: `init_kernels`."""
+  """A sub-layer hook: y + up(f(down(y))), or AdapterHub's original_ln_before form.
+
+  Called as adapter(y, residual, norm) at a sub-layer site (peft): y is the sub-layer's
+  output, and the layer goes on with norm(residual + returned). With original_ln_before the
+  bottleneck reads norm(residual + y) instead of y and adds its output to y:
+  norm(residual + y + up(f(down(norm(residual + y))))). Params: `init_kernels`.
+  """
 
   size: int
   activation: str = 'gelu'
+  original_ln_before: bool = False
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x_BxTxD, residual_BxTxD=None):
+  def __call__(self, y_BxTxD, residual_BxTxD=None, norm=None):
+    x_BxTxD = norm(residual_BxTxD + y_BxTxD) if self.original_ln_before else y_BxTxD
     init = nn.initializers.zeros  # shapes only: the draw is init_kernels'
-    hidden = x_BxTxD.shape[-1]
+    hidden = y_BxTxD.shape[-1]
     h_BxTxM = nn.Dense(self.size, kernel_init=init, dtype=self.dtype, name='down')(x_BxTxD)
     h_BxTxM = ACTIVATIONS[self.activation](h_BxTxM)
-    out_BxTxD = nn.Dense(hidden, kernel_init=init, dtype=self.dtype, name='up')(h_BxTxM)
-    return (x_BxTxD if residual_BxTxD is None else residual_BxTxD) + out_BxTxD
+    return y_BxTxD + nn.Dense(hidden, kernel_init=init, dtype=self.dtype, name='up')(h_BxTxM)
+
+
+def from_run_config(config) -> AdapterConfig | None:
+  """`config.model.adapter` (and the run's seed) -> the adapter config; None for 'none'."""
+  a = config.model.adapter
+  if a.placement == 'none':
+    return None
+  # layers: None or () = every layer (None cannot be written on a command line).
+  return AdapterConfig(size=a.size, placement=a.placement, activation=a.activation,
+                       init_scale=a.init_scale, layers=a.layers or None, seed=config.seed,
+                       original_ln_before=a.get('original_ln_before', False))
+
+
+def union(configs: list[AdapterConfig]) -> AdapterConfig:
+  """One adapter geometry that holds every given adapter exactly (zero-padded to the widest).
+
+  Serving many artifacts in one pass (serving/multi_adapter) needs one module shape per site;
+  a narrower adapter padded with zeros computes exactly what it computed alone.
+  """
+  activations = {c.activation for c in configs}
+  if len(activations) > 1:
+    raise UsageError(f'cannot serve adapters with different activations {sorted(activations)} '
+                     'in one pass; run them separately')
+  ln_before = {c.original_ln_before for c in configs}
+  if len(ln_before) > 1:
+    raise UsageError('cannot serve adapters with and without original_ln_before in one pass '
+                     '(their adapters read different inputs); run them separately')
+  placement = 'houlsby' if any(c.placement == 'houlsby' for c in configs) else 'pfeiffer'
+  layers = None
+  if all(c.layers is not None for c in configs):
+    layers = tuple(sorted(set().union(*[c.layers for c in configs])))
+  return AdapterConfig(size=max(c.size for c in configs), placement=placement,
+                       activation=configs[0].activation, init_scale=0.0, layers=layers,
+                       original_ln_before=ln_before.pop())
+
+
+METHOD = Method(name='bottleneck', config_class=AdapterConfig, param_marker=PARAM_MARKER,
+                from_run_config=from_run_config, from_meta=AdapterConfig.from_any, union=union)

@@ -25,7 +25,7 @@ import numpy as np
 from adapter_tuning.errors import UsageError
 from adapter_tuning.interop import artifact
 from adapter_tuning.models.heads import TaskModel, head_kind
-from adapter_tuning.peft.bottleneck import AdapterConfig
+from adapter_tuning import peft
 from adapter_tuning.training import trainable as trainable_lib
 
 
@@ -39,26 +39,9 @@ class LoadedTask:
   meta: dict
 
 
-def union_adapter(metas: list[dict]) -> AdapterConfig | None:
-  """One adapter geometry that holds every artifact's adapters exactly."""
-  configs = [AdapterConfig.from_any(m['adapter']) for m in metas if m.get('adapter')]
-  if not configs:
-    return None
-  activations = {c.activation for c in configs}
-  if len(activations) > 1:
-    raise UsageError(f'cannot serve adapters with different activations {sorted(activations)} '
-                     'in one pass; run them separately')
-  ln_before = {c.original_ln_before for c in configs}
-  if len(ln_before) > 1:
-    raise UsageError('cannot serve adapters with and without original_ln_before in one pass '
-                     '(their adapters read different inputs); run them separately')
-  placement = 'houlsby' if any(c.placement == 'houlsby' for c in configs) else 'pfeiffer'
-  layers = None
-  if all(c.layers is not None for c in configs):
-    layers = tuple(sorted(set().union(*[c.layers for c in configs])))
-  return AdapterConfig(size=max(c.size for c in configs), placement=placement,
-                       activation=configs[0].activation, init_scale=0.0, layers=layers,
-                       original_ln_before=ln_before.pop())
+def union_adapter(metas: list[dict]):
+  """One PEFT config that holds every artifact's modules exactly (peft.union)."""
+  return peft.union([peft.config_from_meta(m) for m in metas])
 
 
 def _pad_to(value: np.ndarray, shape: tuple) -> np.ndarray:

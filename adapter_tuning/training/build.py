@@ -19,7 +19,7 @@ from adapter_tuning.data import batching
 from adapter_tuning.data.tasks import load_task_data
 from adapter_tuning.errors import UsageError
 from adapter_tuning.models.heads import TargetScale, TaskModel, head_kind
-from adapter_tuning.peft.bottleneck import AdapterConfig
+from adapter_tuning import peft
 from adapter_tuning.training import trainable as trainable_lib
 
 
@@ -32,18 +32,8 @@ class Setup:
   rules: tuple
   pretrained: object
   data: object
-  adapter: AdapterConfig | None
+  adapter: object | None  # the PEFT method's config (peft.from_run_config)
   target_scale: TargetScale  # regression targets' train-split scale (identity otherwise)
-
-
-def adapter_config(config) -> AdapterConfig | None:
-  a = config.model.adapter
-  if a.placement == 'none':
-    return None
-  # layers: None or () = every layer (None cannot be written on a command line).
-  return AdapterConfig(size=a.size, placement=a.placement, activation=a.activation,
-                       init_scale=a.init_scale, layers=a.layers or None, seed=config.seed,
-                       original_ln_before=a.get('original_ln_before', False))
 
 
 def resolve_checkpoint_path(config, workdir: pathlib.Path) -> str:
@@ -58,7 +48,7 @@ def resolve_checkpoint_path(config, workdir: pathlib.Path) -> str:
 
 def build(config, workdir: pathlib.Path, with_train: bool = True) -> Setup:
   from adapter_tuning.interop.pretrained import load_pretrained
-  adapter = adapter_config(config)
+  adapter = peft.from_run_config(config)
   dtype = jnp.bfloat16 if config.model.dtype == 'bfloat16' else jnp.float32
   pre = load_pretrained(resolve_checkpoint_path(config, workdir), adapter, dtype=dtype)
   if config.data.max_seq_length > pre.config.max_seq_length:

@@ -14,16 +14,28 @@ from typing import Sequence
 import flax.traverse_util as tu
 import numpy as np
 
+from adapter_tuning import peft
 from adapter_tuning.errors import UsageError
 
 Rules = tuple[tuple[str, str], ...]
 
-ADAPTERS: Rules = (
-    (r'_adapter/', 'train'),
-    (r'layer_norm/', 'train'),
-    (r'^head/', 'train'),
-    (r'.*', 'freeze'),
-)
+
+
+def _method_params() -> Rules:
+  return tuple((pattern, 'train') for pattern in peft.param_patterns())
+
+
+def adapters_preset() -> Rules:
+  """The paper's recipe: every PEFT method's params, every LayerNorm, the head."""
+  return (*_method_params(), (r'layer_norm/', 'train'), (r'^head/', 'train'), (r'.*', 'freeze'))
+
+
+def peft_preset() -> Rules:
+  """AdapterHub's and peft's recipe: every PEFT method's params and the head; LayerNorms frozen."""
+  return (*_method_params(), (r'^head/', 'train'), (r'.*', 'freeze'))
+
+
+ADAPTERS: Rules = adapters_preset()
 FULL: Rules = ((r'.*', 'train'),)
 HEAD: Rules = ((r'^head/', 'train'), (r'.*', 'freeze'))
 
@@ -41,10 +53,12 @@ def top_k(k: int, num_layers: int) -> Rules:
 
 
 def resolve(spec, num_layers: int) -> Rules:
-  """'adapters' | 'full' | 'head' | 'top:K' | a list of (regex, 'train'|'freeze') pairs."""
+  """'adapters' | 'peft' | 'full' | 'head' | 'top:K' | a list of (regex, 'train'|'freeze')."""
   if isinstance(spec, str):
     if spec == 'adapters':
-      return ADAPTERS
+      return adapters_preset()
+    if spec == 'peft':
+      return peft_preset()
     if spec == 'full':
       return FULL
     if spec == 'head':
@@ -55,7 +69,7 @@ def resolve(spec, num_layers: int) -> Rules:
       except ValueError:
         raise UsageError(f'trainable={spec!r}: K in top:K must be an integer') from None
       return top_k(k, num_layers)
-    raise UsageError(f'unknown trainable preset {spec!r}; use adapters, full, head, top:K '
+    raise UsageError(f'unknown trainable preset {spec!r}; use adapters, peft, full, head, top:K '
                      'or a list of (regex, train|freeze) rules')
   rules = []
   for rule in spec:
@@ -112,7 +126,7 @@ def summary(params: dict, rules: Rules) -> dict[str, int | float]:
     n = int(np.prod(np.shape(v)))
     p = path_str(k)
     counts['total'] += n
-    counts['adapter'] += n * ('_adapter/' in p)
+    counts['adapter'] += n * peft.is_method_param(k)
     counts['head'] += n * p.startswith('head/')
     counts['trainable'] += n * decide(rules, p)
   counts['base'] = counts['total'] - counts['adapter'] - counts['head']

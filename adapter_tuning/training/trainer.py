@@ -23,6 +23,7 @@ import time
 import jax
 import numpy as np
 
+from adapter_tuning import peft
 from adapter_tuning.config import validate
 from adapter_tuning.data import batching
 from adapter_tuning.errors import RunFailure, UsageError
@@ -325,6 +326,7 @@ def artifact_meta(config, setup: Setup, final_metrics: dict, step: int) -> dict:
       'num_outputs': data.num_outputs, 'metric_names': list(data.metric_names),
       'pooling': config.model.head.pooling,
       'target_scale': dataclasses.asdict(setup.target_scale),  # already folded into head/*
+      'method': peft.method_of(setup.adapter).name if setup.adapter else None,
       'adapter': dataclasses.asdict(setup.adapter) if setup.adapter else None,
       'trainable_rules': [list(r) for r in setup.rules],
       'base': {**setup.pretrained.identity, 'path': str(setup.pretrained.directory)},

@@ -1,0 +1,46 @@
+"""Encoder families: what differs between BERT-like checkpoints, one module per family.
+
+A family is the `model_type` of a Hugging Face `config.json` plus the few facts that
+differ between checkpoints of that type: how its config.json reads into a `ModelConfig`,
+where each Flax parameter lives in its state dict (the key map), how position ids are
+made, and how its tokenizer wraps one or two texts in special tokens. The encoder, the
+checkpoint reader, the tokenizer and the AdapterHub converter ask the family for these
+and never test family names themselves, so a new family is one new module here plus one
+entry in `families()`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+from adapter_tuning.errors import UsageError
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  """One encoder family, as the rest of the code sees it."""
+
+  name: str  # config.json's model_type
+  read_config: Callable  # (config.json as a dict, its path for messages) -> ModelConfig
+  checkpoint_key: Callable  # Flax path under the encoder -> (HF key, conversion kind)
+  key_prefixes: tuple[str, ...]  # what a saved *ForXxx model puts before encoder keys
+  position_ids: Callable  # (input_ids_BxT, ModelConfig) -> position ids [B, T]
+  position_offset: Callable  # ModelConfig -> the first position id of a sequence
+  special_tokens: tuple[str, str]  # (the sequence-start token, the separator)
+  build_pair: Callable  # (cls_id, sep_id, ids_a, ids_b | None) -> (ids, token type ids)
+  num_special_tokens_pair: int  # special tokens around a text pair
+  adapterhub_model_class: str  # AdapterHub's flexible-head model class for this family
+
+
+def families() -> tuple[Family, ...]:
+  from adapter_tuning.models.families import bert, roberta  # lazy: they import the encoder
+  return (bert.FAMILY, roberta.FAMILY)
+
+
+def family_named(name: str) -> Family:
+  for family in families():
+    if family.name == name:
+      return family
+  raise UsageError(f'unsupported model_type {name!r}; supported: '
+                   f'{", ".join(f.name for f in families())}')
