@@ -92,13 +92,29 @@ def _check_output(out: pathlib.Path, overwrite: bool):
 
 
 def write_adapterhub(files, out: pathlib.Path):
-  """Writes AdapterHubFiles the way save_adapter does (.bin when torch is available)."""
+  """Writes AdapterHubFiles the way save_adapter does (.bin when torch is available).
+
+  All into a temporary folder that replaces `out` only once complete; a full disk is one
+  line naming `out`, and an `out` that was there stays as it was."""
+  from adapter_tuning import fileio
+  tmp = out.with_name(out.name + '.tmp')
+  try:
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    wrote_bin = _write_adapterhub_files(files, tmp)
+    from adapter_tuning.interop.artifact import replace_dir
+    replace_dir(tmp, out)
+  except OSError as e:
+    raise fileio.disk_failure(e, out) from None
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  return wrote_bin
+
+
+def _write_adapterhub_files(files, tmp: pathlib.Path) -> bool:
   from safetensors.numpy import save_file
 
   from adapter_tuning.interop import adapterhub as ah
-  tmp = out.with_name(out.name + '.tmp')
-  shutil.rmtree(tmp, ignore_errors=True)
-  tmp.mkdir(parents=True)
   try:
     import torch
   except ImportError:
@@ -115,41 +131,38 @@ def write_adapterhub(files, out: pathlib.Path):
     save_file({k: np.ascontiguousarray(v, np.float32) for k, v in files.layer_norm_state.items()},
               str(tmp / ah.LAYER_NORMS))
   (tmp / 'README.md').write_text(ah.readme(files))
-  from adapter_tuning.interop.artifact import replace_dir
-  replace_dir(tmp, out)
   return torch is not None
 
 
 def read_adapterhub(directory: pathlib.Path):
   """AdapterHubFiles from a folder written by save_adapter (safetensors preferred)."""
-  from adapter_tuning.errors import UsageError
+  from adapter_tuning import fileio
   from adapter_tuning.interop import adapterhub as ah
   from adapter_tuning.interop import hf_checkpoint
+
+  fix = 'save the adapter again with model.save_adapter (and save_head), or re-copy the folder'
 
   def load(names):
     for n in names:
       path = directory / n
       if path.exists():
         if path.suffix == '.safetensors':
-          return hf_checkpoint._load_safetensors(path)  # pylint: disable=protected-access
-        return hf_checkpoint._load_torch_bin(path)  # pylint: disable=protected-access
+          return fileio.read_tensors(path, fix)
+        return fileio.check_values(path, hf_checkpoint._load_torch_bin(path), fix)  # pylint: disable=protected-access
     return None
 
   def config(name):
     path = directory / name
-    if not path.exists():
-      return None
-    try:
-      return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-      raise UsageError(f'{path} is not valid JSON ({e})') from None
+    return fileio.read_json(path, fix) if path.exists() else None
 
   if not directory.is_dir():
-    raise UsageError(f'--adapter {directory} is not a folder')
+    raise fileio.file_error(directory, 'no such folder' if not directory.exists() else
+                            'a file, not a folder', 'pass the folder model.save_adapter wrote')
   adapter_config, adapter_state = config(ah.ADAPTER_CONFIG), load(ah.ADAPTER_WEIGHTS)
   if adapter_config is None or adapter_state is None:
-    raise UsageError(f'{directory} is not an AdapterHub adapter: it needs {ah.ADAPTER_CONFIG} and '
-                     f'{" or ".join(ah.ADAPTER_WEIGHTS)} (model.save_adapter writes them)')
+    raise fileio.file_error(directory, f'is not an AdapterHub adapter: it needs {ah.ADAPTER_CONFIG} '
+                            f'and {" or ".join(ah.ADAPTER_WEIGHTS)}',
+                            'pass the folder model.save_adapter wrote')
   ln = load((ah.LAYER_NORMS,))
   return ah.AdapterHubFiles(adapter_config, adapter_state, config(ah.HEAD_CONFIG),
                             load(ah.HEAD_WEIGHTS), ln)
@@ -163,13 +176,11 @@ def export_artifact(artifact_dir: pathlib.Path, out: pathlib.Path, name: str | N
   from adapter_tuning.interop import artifact, hf_checkpoint
   _check_output(out, overwrite)
   meta, params = artifact.load(artifact_dir)
-  recorded = (meta.get('base') or {}).get('path')
-  if not base and not recorded:
-    raise UsageError('the artifact records no base path; pass --base')
-  base_dir = _base_dir(base or recorded, 'pass --base with the checkpoint the adapter was '
-                       'trained on')
+  base_dir = _base_dir(artifact.base_path(artifact_dir, meta, base),
+                       'pass --base with the checkpoint the adapter was trained on')
   config = hf_checkpoint.read_model_config(base_dir)
   artifact.check_base(meta, hf_checkpoint.checkpoint_identity(base_dir), str(artifact_dir))
+  artifact.check_weights(artifact_dir, meta, params, config)
   name = name or re.sub(r'[^A-Za-z0-9_\-]', '_', str(meta.get('task') or 'adapter'))
   files = ah.to_adapterhub(params, meta, config, name, base_dir.name)
   head_config = files.head_config['config']
@@ -219,7 +230,7 @@ def import_adapterhub(ah_dir: pathlib.Path, base: str, out: pathlib.Path,
       'task': name or imported.origin.get('task') or imported.name, 'head': imported.head,
       'label_names': imported.label_names, 'num_outputs': imported.num_outputs,
       'pooling': imported.pooling,
-      'adapter': dataclasses.asdict(imported.adapter),
+      'method': 'bottleneck', 'adapter': dataclasses.asdict(imported.adapter),
       'trainable_rules': imported.trainable_rules,
       'base': {**identity, 'path': str(base_dir)},
       'max_seq_length': max_seq_length,

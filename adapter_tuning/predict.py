@@ -23,6 +23,8 @@ import sys
 import numpy as np
 from absl import flags
 
+from adapter_tuning import fileio
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string('adapter', None, 'Adapter artifact folder(s), comma-separated.')
 flags.DEFINE_string('input', None, 'JSONL rows, or a GLUE TSV split (e.g. SST-2/test.tsv).')
@@ -133,16 +135,16 @@ def write_glue_submission(mt, glue_dir: pathlib.Path, out_dir: pathlib.Path, bat
     for examples, name in jobs:
       rows = [{'text': e['text'], 'text_pair': e['text_pair'], 'task': task.name} for e in examples]
       preds = predict_rows(mt, rows, batch_size, max_len)
-      with open(out_dir / name, 'w') as f:
-        f.write('index\tprediction\n')
-        for e, p in zip(examples, preds):
-          if 'score' in p:  # STS-B, the one GLUE regression task: scores lie in [0, 5]
-            value = f'{min(max(p["score"], 0.0), 5.0):.3f}'
-          elif task.name in STRING_LABEL_TASKS:
-            value = p['label']
-          else:
-            value = str(task.label_names.index(p['label']))
-          f.write(f'{e["idx"]}\t{value}\n')
+      lines = ['index\tprediction\n']
+      for e, p in zip(examples, preds):
+        if 'score' in p:  # STS-B, the one GLUE regression task: scores lie in [0, 5]
+          value = f'{min(max(p["score"], 0.0), 5.0):.3f}'
+        elif task.name in STRING_LABEL_TASKS:
+          value = p['label']
+        else:
+          value = str(task.label_names.index(p['label']))
+        lines.append(f'{e["idx"]}\t{value}\n')
+      fileio.write_atomic(out_dir / name, ''.join(lines))
       written.append(name)
   if not written:
     raise UsageError('no GLUE adapter among those loaded; --glue_submission needs glue/* adapters')
@@ -191,11 +193,7 @@ def _run():
       rows = read_jsonl(path)
     preds = predict_rows(mt, rows, FLAGS.batch_size, max_len)
     out = pathlib.Path(FLAGS.output)
-    tmp = out.with_name(out.name + '.tmp')
-    with open(tmp, 'w') as f:
-      for p in preds:
-        f.write(json.dumps(p) + '\n')
-    tmp.rename(out)
+    fileio.write_atomic(out, ''.join(json.dumps(p) + '\n' for p in preds))
     print(f'wrote {len(preds)} predictions to {out}')
 
 

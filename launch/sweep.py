@@ -306,6 +306,9 @@ def run_local(runs: list[Run], config_path: str, workdir: pathlib.Path, python: 
       elif rc == 0:
         failed += 1
         print(f'stopped after {secs:.0f}s with a checkpoint; rerun to resume', flush=True)
+      elif ' is in use by ' in _last_error(log_path):  # another sweep or job runs it now
+        failed += 1
+        print(f'busy, skipped: {_last_error(log_path)}', flush=True)
       else:
         failed += 1
         print(f'FAILED (exit {rc}) {_last_error(log_path)}  [log: {log_path}]', flush=True)

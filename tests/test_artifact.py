@@ -12,6 +12,7 @@ PARAMS = {'encoder': {'layer_0': {'ffn_adapter': {'down': {'kernel': np.arange(6
                                                            'bias': np.zeros(3)}}}},
           'head': {'kernel': np.ones((4, 2), np.float32), 'bias': np.array([0.5, -0.5])}}
 META = {'task': 'glue/sst2', 'head': 'classification', 'label_names': ['negative', 'positive'],
+        'num_outputs': 2, 'trainable_rules': [['.*', 'train']],
         'base': {'name': 'base-a', 'sha256': 'a' * 64}}
 
 

@@ -216,25 +216,11 @@ def to_adapterhub(params: dict, meta: dict, config: ModelConfig, name: str,
   if pooler and set(pooler) != {'kernel', 'bias'}:
     raise UsageError('the artifact trains only part of the pooler; export needs both its '
                      'kernel and bias')
-  # Every adapter module AdapterHub will create must get weights: adapters the artifact
-  # did not train are zero, as our own serving treats them (multitask.py).
-  size = adapter.size
-  for layer in range(config.num_layers):
-    for site in ('attention', 'ffn'):
-      if not adapter.has_adapter(layer, site):
-        continue
-      base = f'{prefix}.encoder.layer.{layer}.{_SITES[site]}.adapters.{name}.'
-      shapes = {'adapter_down.0.weight': (size, d), 'adapter_down.0.bias': (size,),
-                'adapter_up.weight': (d, size), 'adapter_up.bias': (d,)}
-      for key, shape in shapes.items():
-        value = adapter_state.setdefault(base + key, np.zeros(shape, np.float32))
-        if value.shape != shape:
-          raise UsageError(f'artifact tensor for {base + key} has shape {value.shape}, but '
-                           f'its adapter config implies {shape}')
+  _fill_untrained_adapters(adapter_state, adapter, config, name)
   leave_out = [i for i in range(config.num_layers) if not adapter.has_adapter(i, 'ffn')]
   bn = dict(_BN_DEFAULTS, mh_adapter=adapter.placement == 'houlsby', output_adapter=True,
             non_linearity=_TO_AH_ACT[adapter.activation], leave_out=leave_out,
-            reduction_factor=reduction_factor(d, size),
+            reduction_factor=reduction_factor(d, adapter.size),
             original_ln_before=adapter.original_ln_before,
             original_ln_after=True, residual_before_ln=True, scaling=1.0)
   top = {'hidden_size': d, 'model_class': family.adapterhub_model_class, 'model_name': base_name,
@@ -249,6 +235,22 @@ def to_adapterhub(params: dict, meta: dict, config: ModelConfig, name: str,
       adapter_config={**top, 'config': bn, 'adapter_tuning': origin}, adapter_state=adapter_state,
       head_config={**top, 'config': head_config}, head_state=head_state,
       layer_norm_state=ln_state)
+
+
+def _fill_untrained_adapters(adapter_state: dict, adapter, config: ModelConfig, name: str):
+  """Every adapter module AdapterHub will create must get weights: adapters the artifact
+  did not train are zero, as our own serving treats them (serving/multi_adapter.py)."""
+  size, d = adapter.size, config.hidden_size
+  for layer in range(config.num_layers):
+    for site in adapter.sites(layer):
+      base = f'{config.family}.encoder.layer.{layer}.{_SITES[site]}.adapters.{name}.'
+      shapes = {'adapter_down.0.weight': (size, d), 'adapter_down.0.bias': (size,),
+                'adapter_up.weight': (d, size), 'adapter_up.bias': (d,)}
+      for key, shape in shapes.items():
+        value = adapter_state.setdefault(base + key, np.zeros(shape, np.float32))
+        if value.shape != shape:
+          raise UsageError(f'artifact tensor for {base + key} has shape {value.shape}, but '
+                           f'its adapter config implies {shape}')
 
 
 def _head_to_adapterhub(head, meta, name, head_params, pooler, pooling):

@@ -66,11 +66,12 @@ class MultiTaskModel:
     names = [m['task'] for m in metas]
     if len(set(names)) != len(names):
       raise UsageError(f'two adapters were trained on the same task ({names}); load one per task')
-    base_path = base_path or metas[0]['base']['path']
+    base_path = artifact.base_path(loaded[0][0], metas[0], base_path)
     adapter = union_adapter(metas)
     self.pretrained = load_pretrained(base_path, adapter)
-    for d, meta, _ in loaded:
+    for d, meta, params in loaded:
       artifact.check_base(meta, self.pretrained.identity, str(d))
+      artifact.check_weights(d, meta, params, self.pretrained.config)
     kinds = {head_kind(m['head']) for m in metas}
     per_token = [k for k in kinds if k.per_token]
     if per_token and len(metas) > 1:

@@ -13,6 +13,7 @@ import pathlib
 
 import numpy as np
 
+from adapter_tuning import fileio
 from adapter_tuning.data import batching
 from adapter_tuning.models.heads import head_kind
 from adapter_tuning.training import parallel
@@ -30,15 +31,14 @@ class Results:
       if isinstance(preds, dict):  # QA: the official SQuAD format
         name = 'predictions.json' if split == next(iter(self.predictions)) else \
             f'predictions_{split}.json'
-        (workdir / name).write_text(json.dumps(preds, ensure_ascii=False))
+        fileio.write_atomic(workdir / name, json.dumps(preds, ensure_ascii=False))
         continue
       examples = self.data.evals[split].examples
       names, kind = self.data.label_names, head_kind(self.data.head)
-      with open(workdir / f'predictions_{split}.jsonl', 'w') as f:
-        for ex, p in zip(examples, preds):
-          row = {'idx': ex['idx'], 'label': ex['label']}
-          row['prediction'] = kind.prediction(p, names)
-          f.write(json.dumps(row) + '\n')
+      rows = [json.dumps({'idx': ex['idx'], 'label': ex['label'],
+                          'prediction': kind.prediction(p, names)}) + '\n'
+              for ex, p in zip(examples, preds)]
+      fileio.write_atomic(workdir / f'predictions_{split}.jsonl', ''.join(rows))
 
 
 def run_split(eval_step, params, split, batch_size, boundaries, shard, pad_id=0):

@@ -14,6 +14,8 @@ import pathlib
 import sys
 import time
 
+from adapter_tuning import fileio
+
 
 @contextlib.contextmanager
 def _torch_hidden():
@@ -37,7 +39,8 @@ class Reporter:
     self.total_steps = total_steps
     self.batch_size = batch_size
     self.bar = progress_bar and enabled and sys.stderr.isatty()
-    self._jsonl = open(workdir / 'metrics.jsonl', 'a') if enabled else None
+    self._jsonl_path = workdir / 'metrics.jsonl'
+    self._jsonl = fileio.open_append(self._jsonl_path) if enabled else None
     self._tb = None
     if enabled:
       try:
@@ -55,8 +58,7 @@ class Reporter:
     record = {'step': int(step)}
     record.update({k: (float(v) if isinstance(v, (int, float)) or hasattr(v, 'item') else v)
                    for k, v in metrics.items()})
-    self._jsonl.write(json.dumps(record) + '\n')
-    self._jsonl.flush()
+    fileio.append_line(self._jsonl, self._jsonl_path, json.dumps(record))
     if self._tb is not None:
       for k, v in record.items():
         if k != 'step' and isinstance(v, float) and math.isfinite(v):

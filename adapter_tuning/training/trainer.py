@@ -23,7 +23,7 @@ import time
 import jax
 import numpy as np
 
-from adapter_tuning import peft
+from adapter_tuning import fileio, peft
 from adapter_tuning.config import validate
 from adapter_tuning.data import batching
 from adapter_tuning.errors import RunFailure, UsageError
@@ -171,21 +171,22 @@ def train_and_evaluate(config, workdir, overwrite: bool = False) -> dict:
   validate(config)
   parallel.check_batch_size(config.batch_size)
   parallel.check_batch_size(config.eval_batch_size, 'eval_batch_size')
-  workdir, config_json = workdir_lib.prepare(config, workdir, overwrite)
-  setup = build(config, workdir)
-  run = start_run(config, workdir, setup, config_json)
-  try:
-    state, step = init_or_restore(run)
-    clock['train_start'] = time.perf_counter()
-    state, step, preempted = train_loop(run, state, step)
-    clock['train_end'] = time.perf_counter()
-    if preempted:
-      run.reporter.log(f'received SIGTERM: saved a checkpoint at step {step}; rerun the same '
-                       'command to resume')
-      return {}
-    return finish(run, state, step, clock)
-  finally:
-    run.close()
+  with workdir_lib.locked(workdir):
+    workdir, config_json = workdir_lib.prepare(config, workdir, overwrite)
+    setup = build(config, workdir)
+    run = start_run(config, workdir, setup, config_json)
+    try:
+      state, step = init_or_restore(run)
+      clock['train_start'] = time.perf_counter()
+      state, step, preempted = train_loop(run, state, step)
+      clock['train_end'] = time.perf_counter()
+      if preempted:
+        run.reporter.log(f'received SIGTERM: saved a checkpoint at step {step}; rerun the '
+                         'same command to resume')
+        return {}
+      return finish(run, state, step, clock)
+    finally:
+      run.close()
 
 
 def plan_steps(config, setup: Setup) -> dict:
@@ -222,7 +223,7 @@ def start_run(config, workdir: pathlib.Path, setup: Setup, config_json: str) -> 
       out_shardings=shard), pool)
   is_main = jax.process_index() == 0
   if is_main:
-    (workdir / 'config.json').write_text(config_json)
+    fileio.write_atomic(workdir / 'config.json', config_json)
   reporter = Reporter(workdir, is_main, plan['total_steps'], config.batch_size,
                       config.progress_bar)
   run = Run(config, workdir, setup, plan, mesh, parallel.put_replicated(frozen_params, mesh),
