@@ -32,11 +32,23 @@ def get_config() -> ml_collections.ConfigDict:
                                             # compiles slower; faster steps on BERT-base (BENCHMARKS.md)
   c.model.adapter = ml_collections.ConfigDict()
   c.model.adapter.size = 64                 # bottleneck width m (paper: 8, 64, 256)
-  c.model.adapter.placement = 'houlsby'     # houlsby (2 per layer) | pfeiffer (FFN only) | none
+  c.model.adapter.placement = 'houlsby'     # houlsby (2 per layer) | pfeiffer (FFN only) | parallel
+                                            # (both, reading the sub-layer input) | parallel_ffn | none
+  c.model.adapter.scaling = 1.0             # factor on the adapter output (scaled parallel: 4.0)
   c.model.adapter.init_scale = 1e-3         # truncated-normal std of adapter weights; 0 = exact identity
   c.model.adapter.activation = 'gelu'       # gelu (exact) | gelu_tanh | relu | swish | tanh
   c.model.adapter.layers = ml_collections.FieldReference(None, field_type=tuple)  # layer indices with adapters; None or () = all
   c.model.adapter.original_ln_before = False  # adapter reads LN(x + h), LN again after (AdapterHub SeqBnConfig default)
+
+  c.model.lora = ml_collections.ConfigDict()  # LoRA (peft/lora.py); combines with adapters
+  c.model.lora.rank = 0                     # rank r of each update; 0 = LoRA off
+  c.model.lora.alpha = 8.0                  # the update is scaled by alpha / rank
+  c.model.lora.dropout = 0.0                # dropout on the LoRA input (only 0.0 so far)
+  c.model.lora.targets = 'query,value'      # comma-separated: query,key,value,attention_output,
+                                            # intermediate,output
+
+  c.model.ia3 = ml_collections.ConfigDict()  # IA³ (peft/ia3.py); combines with the others
+  c.model.ia3.targets = ''                  # '' = off; key,value,intermediate (the paper's), output
 
   c.model.head = ml_collections.ConfigDict()
   c.model.head.pooling = 'pooler'           # sentence vector of classification/regression heads:
@@ -46,7 +58,7 @@ def get_config() -> ml_collections.ConfigDict:
                                             # split, folded back into the head for eval/artifact
 
   # What trains: adapters (adapters + all layer norms + head, the paper) | peft (adapters + head,
-  # LayerNorms frozen: AdapterHub's and peft's recipe) | full | head | top:K,
+  # LayerNorms frozen: AdapterHub's and peft's recipe) | bitfit (every bias + head) | full | head | top:K,
   # or a tuple of (regex over '/'-joined param paths, 'train' | 'freeze') rules, first match wins.
   c.trainable = ml_collections.FieldReference('adapters', field_type=object)
 
@@ -166,10 +178,14 @@ def validate(config: ml_collections.ConfigDict):
        f'model.head.pooling must be one of {", ".join(POOLINGS)}, got '
        f'{config.model.head.pooling!r}'),
       (config.grad_clip_norm >= 0, 'grad_clip_norm must be >= 0 (0 = off)'),
+      (config.model.lora.rank >= 0,
+       f'model.lora.rank must be >= 0 (0 = off), got {config.model.lora.rank}'),
   ]
   for ok, message in checks:
     if not ok:
       raise UsageError(message)
+  from adapter_tuning import peft
+  peft.from_run_config(config)  # each method checks its own keys (one line, before loading)
   _check_task(config.data)
 
 

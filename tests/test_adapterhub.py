@@ -370,3 +370,40 @@ def test_refusals(base, tmp_path, capsys):
   refused('--adapter', art, '--format', 'adapterhub', '--to_artifact', '--base', base,
           '--output', tmp_path / 'o3', says='is not an AdapterHub adapter')
   refused('--adapter', art, '--format', 'peft', '--output', tmp_path / 'o4', says='format')
+
+
+@pytest.mark.parametrize('name,config,placement', [
+    ('par', adapters.ParBnConfig(reduction_factor=4), 'parallel_ffn'),  # scaling 4, relu
+    ('par_both', adapters.ParBnConfig(reduction_factor=4, mh_adapter=True, scaling=2.0),
+     'parallel'),
+])
+def test_import_parallel_adapters_serves_with_same_logits(base, batch, tmp_path, name, config,
+                                                         placement):
+  """He et al.'s (scaled) parallel adapter: AdapterHub's ParBnConfig, imported and served."""
+  model = _adapterhub_model(base, name, config,
+                            dict(num_labels=3, id2label={0: 'a', 1: 'b', 2: 'c'}), seed=2)
+  theirs = _torch_logits(model, batch)
+  model.save_adapter(str(tmp_path / 'ah'), name, with_head=True)
+  out = tmp_path / 'artifact'
+  assert _cli('--adapter', tmp_path / 'ah', '--format', 'adapterhub', '--to-artifact',
+              '--base', base, '--output', out) == 0
+  meta, _ = artifact.load(out)
+  assert meta['adapter']['placement'] == placement
+  ours, _ = _ours([out], batch)
+  diff = float(np.abs(ours - theirs).max())
+  print(f'import {placement}: max |logit difference| = {diff:.2e}')
+  assert diff < TOL
+
+
+def test_parallel_artifact_exports_to_adapterhub_with_same_logits(base, batch, tmp_path):
+  art = _make_artifact(base, tmp_path / 'artifact', adapter={
+      'size': 8, 'init_scale': 0.3, 'placement': 'parallel', 'scaling': 4.0})
+  out = tmp_path / 'ah'
+  assert _cli('--adapter', art, '--format', 'adapterhub', '--output', out) == 0
+  config = json.loads((out / 'adapter_config.json').read_text())['config']
+  assert (config['is_parallel'], config['mh_adapter'], config['scaling']) == (True, True, 4.0)
+  ours, _ = _ours([art], batch)
+  model, _ = _load_in_adapterhub(base, out)
+  diff = float(np.abs(ours - _torch_logits(model, batch)).max())
+  print(f'export parallel: max |logit difference| = {diff:.2e}')
+  assert diff < TOL

@@ -30,6 +30,12 @@ def _fails(result, code, *needles):
     (('--config.trainable=everything',), ['unknown trainable preset']),
     (('--config.model.checkpoint=/no/such/dir',), ['/no/such/dir', 'does not exist']),
     (('--config.data.max_seq_length=100',), ['exceeds the model maximum']),
+    (('--config.model.lora.rank=-2',), ['model.lora.rank must be >= 0']),
+    (('--config.model.lora.rank=4', '--config.model.lora.targets=query,ffn'),
+     ['model.lora.targets has', 'query,key,value,attention_output,intermediate,output']),
+    (('--config.model.ia3.targets=query',), ['model.ia3.targets has', 'key,value,intermediate']),
+    (('--config.model.adapter.placement=parallel', '--config.model.adapter.original_ln_before=true'),
+     ['parallel adapter reads the sub-layer input']),
 ])
 def test_demo_usage_errors(tmp_path, args, needles):
   _fails(run_train(*DEMO, '--workdir', tmp_path / 'w', *args), 2, *needles)

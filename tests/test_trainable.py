@@ -44,6 +44,14 @@ def test_peft_preset_trains_method_params_and_head_not_layer_norms():
       'head/bias', 'head/kernel']
 
 
+def test_bitfit_preset_trains_every_bias_and_the_head():
+  assert _trained(tl.resolve('bitfit', 2)) == [
+      'encoder/embeddings/layer_norm/bias', 'encoder/layer_0/attention/query/bias',
+      'encoder/layer_0/ffn_adapter/down/bias', 'encoder/layer_0/ffn_adapter/up/bias',
+      'encoder/layer_0/ffn_layer_norm/bias', 'encoder/layer_1/output/bias', 'encoder/pooler/bias',
+      'head/bias', 'head/kernel']
+
+
 def test_head_full_and_top_k():
   assert _trained(tl.resolve('head', 2)) == ['head/bias', 'head/kernel']
   assert len(_trained(tl.resolve('full', 2))) == 17

@@ -218,11 +218,12 @@ def to_adapterhub(params: dict, meta: dict, config: ModelConfig, name: str,
                      'kernel and bias')
   _fill_untrained_adapters(adapter_state, adapter, config, name)
   leave_out = [i for i in range(config.num_layers) if not adapter.has_adapter(i, 'ffn')]
-  bn = dict(_BN_DEFAULTS, mh_adapter=adapter.placement == 'houlsby', output_adapter=True,
+  bn = dict(_BN_DEFAULTS, mh_adapter=adapter.has_adapter_anywhere('attention'),
+            output_adapter=True, is_parallel=adapter.parallel,
             non_linearity=_TO_AH_ACT[adapter.activation], leave_out=leave_out,
             reduction_factor=reduction_factor(d, adapter.size),
             original_ln_before=adapter.original_ln_before,
-            original_ln_after=True, residual_before_ln=True, scaling=1.0)
+            original_ln_after=True, residual_before_ln=True, scaling=adapter.scaling)
   top = {'hidden_size': d, 'model_class': family.adapterhub_model_class, 'model_name': base_name,
          'model_type': prefix, 'name': name, 'version': ADAPTERHUB_VERSION}
   head_config, head_state = _head_to_adapterhub(head, meta, name, head_params, pooler,
@@ -313,7 +314,7 @@ def _bn_config(file_config: dict) -> dict:
 
 def _check_bn(bn: dict) -> tuple[str, bool]:
   """Refuses what our model cannot compute exactly; returns (placement, original_ln_before)."""
-  unsupported = {'is_parallel': False, 'phm_layer': False, 'use_gating': False,
+  unsupported = {'phm_layer': False, 'use_gating': False,
                  'ln_before': False, 'ln_after': False, 'inv_adapter': None,
                  'original_ln_after': True}
   bad = {k: bn.get(k) for k, want in unsupported.items() if bn.get(k) != want}
@@ -332,10 +333,11 @@ def _check_bn(bn: dict) -> tuple[str, bool]:
         'adapter has original_ln_before=True with residual_before_ln=False: its residual is '
         'LayerNorm(x + h), which this project does not compute; only residual_before_ln=True '
         '(the SeqBnConfig default) imports with original_ln_before=True')
-  if out and mh:
-    return 'houlsby', ln_before
+  if bn.get('is_parallel') and ln_before:
+    raise UsageError('a parallel adapter with original_ln_before=True has no equivalent here')
   if out:
-    return 'pfeiffer', ln_before
+    names = ('parallel', 'parallel_ffn') if bn.get('is_parallel') else ('houlsby', 'pfeiffer')
+    return names[0] if mh else names[1], ln_before
   raise UsageError(f'adapter sites mh_adapter={mh}, output_adapter={out} have no placement '
                    'here: houlsby = both, pfeiffer = output_adapter only')
 
@@ -365,7 +367,7 @@ def from_adapterhub(files: AdapterHubFiles, config: ModelConfig) -> Imported:
   if not isinstance(scaling, (int, float)) and scaling not in ('learned', 'channel'):
     raise UsageError(f'unknown adapter scaling {scaling!r}')
   leave_out = {int(i) for i in bn.get('leave_out') or []}
-  sites = ('attention', 'ffn') if placement == 'houlsby' else ('ffn',)
+  sites = ('attention', 'ffn') if placement in ('houlsby', 'parallel') else ('ffn',)
   expected = {(i, s) for i in range(config.num_layers) if i not in leave_out for s in sites}
   if set(modules) != expected:
     missing = sorted(expected - set(modules))

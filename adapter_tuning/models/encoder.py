@@ -181,11 +181,15 @@ class DenseAct(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, pre_act=None):
+    """`pre_act(x, y)`: what a PEFT hook makes of y = x W + b, before the activation
+    (`peft` site 'intermediate_dense'); the bias then joins y there instead of in bias_act."""
     kernel = self.param('kernel', nn.initializers.lecun_normal(), (x.shape[-1], self.features))
-    bias = self.param('bias', nn.initializers.zeros_init(), (self.features,))
+    bias = self.param('bias', nn.initializers.zeros_init(), (self.features,)).astype(self.dtype)
     y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
-    return bias_act(self.act)(y, bias.astype(self.dtype))
+    if pre_act is not None:
+      y, bias = pre_act(x, y + bias), jnp.zeros_like(bias)
+    return bias_act(self.act)(y, bias)
 
 
 def hooked(peft_config, layer: int, site: str, dtype, x, y):
@@ -228,8 +232,10 @@ class TransformerLayer(nn.Module):
         x_BxTxD, mask_BxT, deterministic, key(0)), 1)
     h_BxTxD = add_and_norm('attention', x_BxTxD, a_BxTxD)
 
+    dense_hook = lambda x, y: project('intermediate_dense', x, y)
     f_BxTxF = project('intermediate', h_BxTxD, DenseAct(
-        cfg.intermediate_size, cfg.hidden_act, self.dtype, name='intermediate')(h_BxTxD))
+        cfg.intermediate_size, cfg.hidden_act, self.dtype, name='intermediate')(h_BxTxD,
+                                                                                 dense_hook))
     f_BxTxD = project('output', f_BxTxF,
                       nn.Dense(cfg.hidden_size, dtype=self.dtype, name='output')(f_BxTxF))
     return add_and_norm('ffn', h_BxTxD, drop(f_BxTxD, 2))

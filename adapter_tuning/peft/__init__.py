@@ -8,10 +8,16 @@ runs) and knows nothing else about the method:
   sub-layer sites   'attention', 'ffn': the module is called as hook(y, residual, norm) and
                     returns y'; the layer then computes norm(residual + y') (post-LN BERT).
                     Bottleneck adapters (Houlsby: both; Pfeiffer: 'ffn') hook here.
-  projection sites  'query', 'key', 'value', 'attention_out' (attention), 'intermediate',
-                    'output' (FFN): called as hook(x, y) with y = that projection of x, returns
-                    y' (where LoRA adds B A x and IA³ scales y). Their modules live under
-                    layer_i/attention/ for the four attention sites (`site_scope`).
+  projection sites  'query', 'key', 'value', 'attention_out' (attention), 'intermediate_dense'
+                    (the FFN's first projection x W + b, before its activation),
+                    'intermediate' (after the activation), 'output' (FFN): called as
+                    hook(x, y) with y = that projection of x, returns y' (where LoRA adds
+                    B A x and IA³ scales y). Their modules live under layer_i/attention/ for
+                    the four attention sites and layer_i/intermediate/ for
+                    'intermediate_dense' (`site_scope`).
+
+Methods combine: several configs run as one `Combined` config, whose hook at a site runs
+each method's module in turn (bottleneck adapters and LoRA in one model, say).
 
 Every parameter a method creates lives under a module whose name ends with the method's
 `param_marker` (bottleneck: 'layer_3/ffn_adapter/...'). The `adapters` trainable preset,
@@ -28,14 +34,17 @@ from typing import Callable
 
 SUBLAYER_SITES = ('attention', 'ffn')
 ATTENTION_SITES = ('query', 'key', 'value', 'attention_out')  # modules under layer_i/attention/
-PROJECTION_SITES = ATTENTION_SITES + ('intermediate', 'output')
+PROJECTION_SITES = ATTENTION_SITES + ('intermediate_dense', 'intermediate', 'output')
 SITES = SUBLAYER_SITES + PROJECTION_SITES
 
 
 def site_scope(layer_params: dict, site: str) -> dict:
   """The params dict a site's module lives in: `layer_i/attention/` for the attention
-  projections (the attention module creates them), `layer_i/` for the rest."""
-  return layer_params['attention'] if site in ATTENTION_SITES else layer_params
+  projections (the attention module creates them), `layer_i/intermediate/` for the FFN's
+  pre-activation matmul, `layer_i/` for the rest."""
+  if site in ATTENTION_SITES:
+    return layer_params['attention']
+  return layer_params['intermediate'] if site == 'intermediate_dense' else layer_params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,8 +67,61 @@ class Method:
 
 
 def methods() -> tuple[Method, ...]:
-  from adapter_tuning.peft import bottleneck  # lazy: method modules import the layers
-  return (bottleneck.METHOD,)
+  from adapter_tuning.peft import bottleneck, ia3, lora  # lazy: they import the layers
+  return (bottleneck.METHOD, lora.METHOD, ia3.METHOD)
+
+
+@dataclasses.dataclass(frozen=True)
+class Combined:
+  """Several methods in one model: at each site their modules run one after another."""
+
+  configs: tuple
+
+  @property
+  def seed(self) -> int:
+    return self.configs[0].seed
+
+  def sites(self, layer: int) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(s for c in self.configs for s in c.sites(layer)))
+
+  def hook(self, layer: int, site: str, dtype):
+    modules = [m for m in (c.hook(layer, site, dtype) for c in self.configs) if m is not None]
+    if len(modules) <= 1:
+      return modules[0] if modules else None
+
+    def chained(y_or_x, *rest):
+      if site in SUBLAYER_SITES:  # (y, residual, norm) -> y'
+        for module in modules:
+          y_or_x = module(y_or_x, *rest)
+        return y_or_x
+      (y,) = rest  # (x, y) -> y'
+      for module in modules:
+        y = module(y_or_x, y)
+      return y
+    return chained
+
+  def init_layer(self, layer_params: dict, layer: int):
+    for c in self.configs:
+      c.init_layer(layer_params, layer)
+
+  def check(self, model_config):
+    for c in self.configs:
+      c.check(model_config)
+
+
+def combine(configs) -> object:
+  """None, the one config, or a `Combined` of several (at most one per method)."""
+  configs = [c for c in configs if c is not None]
+  if not configs:
+    return None
+  return configs[0] if len(configs) == 1 else Combined(tuple(configs))
+
+
+def parts(config) -> tuple:
+  """The method configs a (possibly combined) config holds."""
+  if config is None:
+    return ()
+  return config.configs if isinstance(config, Combined) else (config,)
 
 
 def method_of(config) -> Method:
@@ -92,32 +154,39 @@ def method_named(name: str) -> Method:
 
 
 def as_config(adapter, method: str = 'bottleneck'):
-  """None, a method's config object, or its keys as a dict / ConfigDict -> config or None."""
-  if adapter is None or any(isinstance(adapter, m.config_class) for m in methods()):
+  """None, a method's (or Combined) config, or its keys as a dict / ConfigDict -> config."""
+  if adapter is None or isinstance(adapter, Combined) or any(
+      isinstance(adapter, m.config_class) for m in methods()):
     return adapter
   return method_named(method).from_meta(adapter)
 
 
 def from_run_config(config):
-  """The run's PEFT config from `config.model` (bottleneck adapters: `model.adapter`)."""
-  return method_named('bottleneck').from_run_config(config)
+  """The run's PEFT config: every method its `config.model` keys switch on, combined."""
+  return combine([m.from_run_config(config) for m in methods()])
+
+
+def to_meta(config) -> dict:
+  """{method name: its config's fields}: what an artifact records (`config_from_meta`)."""
+  return {method_of(c).name: dataclasses.asdict(c) for c in parts(config)}
 
 
 def config_from_meta(meta: dict):
-  """The PEFT config an artifact records (`method`, default bottleneck; `adapter`)."""
+  """The PEFT config an artifact records: `peft` ({method: fields}), or, as artifacts
+  written before methods combined did, `method` (default bottleneck) and `adapter`."""
+  if meta.get('peft') is not None:
+    return combine([method_named(name).from_meta(fields)
+                    for name, fields in meta['peft'].items()])
   recorded = meta.get('adapter')
   return None if not recorded else method_named(meta.get('method', 'bottleneck')).from_meta(
       recorded)
 
 
 def union(configs: list):
-  """One config whose modules hold every given config's, for serving them in one pass."""
-  configs = [c for c in configs if c is not None]
-  if not configs:
-    return None
-  kinds = {method_of(c).name for c in configs}
-  if len(kinds) > 1:
-    from adapter_tuning.errors import UsageError
-    raise UsageError(f'cannot serve PEFT methods {sorted(kinds)} in one pass; run them '
-                     'separately')
-  return method_of(configs[0]).union(configs)
+  """One config whose modules hold every given config's, for serving them in one pass:
+  per method, that method's union of the configs that use it."""
+  by_method: dict[str, list] = {}
+  for config in configs:
+    for part in parts(config):
+      by_method.setdefault(method_of(part).name, []).append(part)
+  return combine([method_named(name).union(group) for name, group in by_method.items()])

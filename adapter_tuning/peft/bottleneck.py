@@ -19,7 +19,7 @@ from adapter_tuning.errors import UsageError
 from adapter_tuning.models.activations import ACTIVATIONS
 from adapter_tuning.peft import Method
 
-PLACEMENTS = ('houlsby', 'pfeiffer', 'none')
+PLACEMENTS = ('houlsby', 'pfeiffer', 'parallel', 'parallel_ffn', 'none')
 SITES = ('attention', 'ffn')  # the sub-layer sites of peft.SUBLAYER_SITES it can hook
 PARAM_MARKER = '_adapter'
 
@@ -31,7 +31,12 @@ class AdapterConfig:
   Attributes:
     size: bottleneck width m (d -> m -> d).
     placement: 'houlsby' (after attention output and after FFN output, before the
-      residual add and LayerNorm), 'pfeiffer' (after the FFN output only) or 'none'.
+      residual add and LayerNorm), 'pfeiffer' (after the FFN output only), 'parallel'
+      (He et al. 2022: at both sub-layers the adapter reads the sub-layer's input x and
+      adds scaling * up(f(down(x))) to its output), 'parallel_ffn' (the FFN one only) or
+      'none'.
+    scaling: the factor on the adapter's output (AdapterHub's `scaling`; the scaled
+      parallel adapter of He et al. uses 4).
     activation: the bottleneck non-linearity; exact GELU as in the official code.
     init_scale: std of the truncated normal (at 2 std) for both projections; biases are
       zero. 0 gives an exact identity, so the model equals its base.
@@ -50,6 +55,7 @@ class AdapterConfig:
   layers: Optional[tuple[int, ...]] = None
   seed: int = 0
   original_ln_before: bool = False
+  scaling: float = 1.0
 
   def __post_init__(self):
     if not isinstance(self.size, int) or self.size <= 0:
@@ -66,6 +72,9 @@ class AdapterConfig:
     if not isinstance(self.original_ln_before, bool):
       raise UsageError('adapter original_ln_before must be true or false, got '
                        f'{self.original_ln_before!r}')
+    if self.parallel and self.original_ln_before:
+      raise UsageError('a parallel adapter reads the sub-layer input, so original_ln_before '
+                       'does not apply; set model.adapter.original_ln_before=false')
     if self.layers is not None:
       object.__setattr__(self, 'layers', tuple(int(i) for i in self.layers))
 
@@ -94,7 +103,15 @@ class AdapterConfig:
       return False
     if self.layers is not None and layer not in self.layers:
       return False
-    return site == 'ffn' or self.placement == 'houlsby'
+    return site == 'ffn' or self.placement in ('houlsby', 'parallel')
+
+  def has_adapter_anywhere(self, site: str) -> bool:
+    """Whether the placement puts adapters at `site` (AdapterHub's mh_adapter/output_adapter)."""
+    return site == 'ffn' or self.placement in ('houlsby', 'parallel')
+
+  @property
+  def parallel(self) -> bool:
+    return self.placement in ('parallel', 'parallel_ffn')
 
   def sites(self, layer: int) -> tuple[str, ...]:
     return tuple(site for site in SITES if self.has_adapter(layer, site))
@@ -103,8 +120,8 @@ class AdapterConfig:
     """The module the encoder runs at (layer, site), or None (peft's seam)."""
     if site not in SITES or not self.has_adapter(layer, site):
       return None
-    return Adapter(self.size, self.activation, self.original_ln_before, dtype=dtype,
-                   name=f'{site}{PARAM_MARKER}')
+    return Adapter(self.size, self.activation, self.original_ln_before, self.parallel,
+                   self.scaling, dtype=dtype, name=f'{site}{PARAM_MARKER}')
 
   def init_layer(self, layer_params: dict, layer: int):
     """Draws this layer's adapter kernels in place (`init_kernels`)."""
@@ -144,27 +161,34 @@ def init_kernels(site_params: dict, config: AdapterConfig, layer: int, site: str
 
 
 class Adapter(nn.Module):
-  """A sub-layer hook: y + up(f(down(y))), or AdapterHub's original_ln_before form.
+  """A sub-layer hook: y + s * up(f(down(y))), or its original_ln_before / parallel forms.
 
   Called as adapter(y, residual, norm) at a sub-layer site (peft): y is the sub-layer's
-  output, and the layer goes on with norm(residual + returned). With original_ln_before the
-  bottleneck reads norm(residual + y) instead of y and adds its output to y:
-  norm(residual + y + up(f(down(norm(residual + y))))). Params: `init_kernels`.
+  output, residual its input, and the layer goes on with norm(residual + returned). With
+  original_ln_before the bottleneck reads norm(residual + y) instead of y:
+  norm(residual + y + s * up(f(down(norm(residual + y))))); a parallel adapter reads the
+  sub-layer's input: norm(residual + y + s * up(f(down(residual)))). Params: `init_kernels`.
   """
 
   size: int
   activation: str = 'gelu'
   original_ln_before: bool = False
+  parallel: bool = False
+  scaling: float = 1.0
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, y_BxTxD, residual_BxTxD=None, norm=None):
-    x_BxTxD = norm(residual_BxTxD + y_BxTxD) if self.original_ln_before else y_BxTxD
+    if self.parallel:
+      x_BxTxD = residual_BxTxD
+    else:
+      x_BxTxD = norm(residual_BxTxD + y_BxTxD) if self.original_ln_before else y_BxTxD
     init = nn.initializers.zeros  # shapes only: the draw is init_kernels'
     hidden = y_BxTxD.shape[-1]
     h_BxTxM = nn.Dense(self.size, kernel_init=init, dtype=self.dtype, name='down')(x_BxTxD)
     h_BxTxM = ACTIVATIONS[self.activation](h_BxTxM)
-    return y_BxTxD + nn.Dense(hidden, kernel_init=init, dtype=self.dtype, name='up')(h_BxTxM)
+    up_BxTxD = nn.Dense(hidden, kernel_init=init, dtype=self.dtype, name='up')(h_BxTxM)
+    return y_BxTxD + (up_BxTxD if self.scaling == 1.0 else self.scaling * up_BxTxD)
 
 
 def from_run_config(config) -> AdapterConfig | None:
@@ -175,7 +199,8 @@ def from_run_config(config) -> AdapterConfig | None:
   # layers: None or () = every layer (None cannot be written on a command line).
   return AdapterConfig(size=a.size, placement=a.placement, activation=a.activation,
                        init_scale=a.init_scale, layers=a.layers or None, seed=config.seed,
-                       original_ln_before=a.get('original_ln_before', False))
+                       original_ln_before=a.get('original_ln_before', False),
+                       scaling=float(a.get('scaling', 1.0)))
 
 
 def union(configs: list[AdapterConfig]) -> AdapterConfig:
@@ -192,13 +217,20 @@ def union(configs: list[AdapterConfig]) -> AdapterConfig:
   if len(ln_before) > 1:
     raise UsageError('cannot serve adapters with and without original_ln_before in one pass '
                      '(their adapters read different inputs); run them separately')
-  placement = 'houlsby' if any(c.placement == 'houlsby' for c in configs) else 'pfeiffer'
+  forms = {(c.parallel, c.scaling) for c in configs}
+  if len(forms) > 1:
+    raise UsageError(f'cannot serve sequential and parallel adapters, or adapters of different '
+                     f'scaling, in one pass ({sorted(forms)}); run them separately')
+  both = any(c.placement in ('houlsby', 'parallel') for c in configs)
+  parallel, scaling = forms.pop()
+  placement = {(True, False): 'houlsby', (False, False): 'pfeiffer', (True, True): 'parallel',
+               (False, True): 'parallel_ffn'}[(both, parallel)]
   layers = None
   if all(c.layers is not None for c in configs):
     layers = tuple(sorted(set().union(*[c.layers for c in configs])))
   return AdapterConfig(size=max(c.size for c in configs), placement=placement,
                        activation=configs[0].activation, init_scale=0.0, layers=layers,
-                       original_ln_before=ln_before.pop())
+                       original_ln_before=ln_before.pop(), scaling=scaling)
 
 
 METHOD = Method(name='bottleneck', config_class=AdapterConfig, param_marker=PARAM_MARKER,

@@ -36,6 +36,8 @@ def peft_preset() -> Rules:
 
 
 ADAPTERS: Rules = adapters_preset()
+# BitFit (Ben Zaken et al. 2022): every bias term (LayerNorm biases too) and the head.
+BITFIT: Rules = ((r'/bias$', 'train'), (r'^head/', 'train'), (r'.*', 'freeze'))
 FULL: Rules = ((r'.*', 'train'),)
 HEAD: Rules = ((r'^head/', 'train'), (r'.*', 'freeze'))
 
@@ -53,12 +55,14 @@ def top_k(k: int, num_layers: int) -> Rules:
 
 
 def resolve(spec, num_layers: int) -> Rules:
-  """'adapters' | 'peft' | 'full' | 'head' | 'top:K' | a list of (regex, 'train'|'freeze')."""
+  """'adapters' | 'peft' | 'bitfit' | 'full' | 'head' | 'top:K' | a list of (regex, mode)."""
   if isinstance(spec, str):
     if spec == 'adapters':
       return adapters_preset()
     if spec == 'peft':
       return peft_preset()
+    if spec == 'bitfit':
+      return BITFIT
     if spec == 'full':
       return FULL
     if spec == 'head':
@@ -69,7 +73,7 @@ def resolve(spec, num_layers: int) -> Rules:
       except ValueError:
         raise UsageError(f'trainable={spec!r}: K in top:K must be an integer') from None
       return top_k(k, num_layers)
-    raise UsageError(f'unknown trainable preset {spec!r}; use adapters, peft, full, head, top:K '
+    raise UsageError(f'unknown trainable preset {spec!r}; use adapters, peft, bitfit, full, head, top:K '
                      'or a list of (regex, train|freeze) rules')
   rules = []
   for rule in spec:
@@ -135,7 +139,7 @@ def summary(params: dict, rules: Rules) -> dict[str, int | float]:
 
 
 def format_summary(counts: dict) -> str:
-  rows = [('base model', counts['base']), ('adapters', counts['adapter']),
+  rows = [('base model', counts['base']), ('PEFT modules', counts['adapter']),
           ('task head', counts['head']), ('total', counts['total']),
           ('trainable', counts['trainable'])]
   lines = [f'  {name:<12} {n:>14,d}' for name, n in rows]

@@ -327,8 +327,8 @@ def artifact_meta(config, setup: Setup, final_metrics: dict, step: int) -> dict:
       'num_outputs': data.num_outputs, 'metric_names': list(data.metric_names),
       'pooling': config.model.head.pooling,
       'target_scale': dataclasses.asdict(setup.target_scale),  # already folded into head/*
-      'method': peft.method_of(setup.adapter).name if setup.adapter else None,
-      'adapter': dataclasses.asdict(setup.adapter) if setup.adapter else None,
+      'peft': peft.to_meta(setup.adapter),
+      'adapter': peft.to_meta(setup.adapter).get('bottleneck'),  # as before methods combined
       'trainable_rules': [list(r) for r in setup.rules],
       'base': {**setup.pretrained.identity, 'path': str(setup.pretrained.directory)},
       'max_seq_length': config.data.max_seq_length,

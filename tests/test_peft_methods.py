@@ -1,0 +1,203 @@
+"""LoRA and IA³: identity at init, exact parameter counts, the same forward as AdapterHub's
+methods on MiniLM with non-zero weights, merge, and runs through the trainer and serving
+combined with bottleneck adapters."""
+
+import adapters
+import flax.traverse_util as tu
+import numpy as np
+import pytest
+import torch
+
+from adapter_tuning.errors import UsageError
+from adapter_tuning.interop.pretrained import load_pretrained
+from adapter_tuning.models.encoder import Encoder
+from adapter_tuning.peft import lora
+from adapter_tuning.peft.lora import LoRAConfig
+
+TEXTS = ['a short sentence', 'another, somewhat longer sentence with more tokens in it']
+ALL = ('query', 'key', 'value', 'attention_output', 'intermediate', 'output')
+
+
+def _batch(pre):
+  b = pre.tokenizer.pad(*pre.tokenizer.tokenize(TEXTS))
+  return b['input_ids'], b['attention_mask'], b['token_type_ids']
+
+
+def _lora_params(params):
+  return {k: v for k, v in tu.flatten_dict(params).items() if any('_lora' in p for p in k)}
+
+
+def test_zero_b_is_exactly_the_base(minilm_dir, minilm):
+  pre = load_pretrained(minilm_dir, adapter=LoRAConfig(rank=4, targets=ALL))
+  np.testing.assert_array_equal(pre.encode(TEXTS)['last_hidden_state'],
+                                minilm.encode(TEXTS)['last_hidden_state'])
+
+
+def test_parameter_count_per_target(minilm_dir):
+  pre = load_pretrained(minilm_dir, adapter=LoRAConfig(rank=4, targets=ALL))
+  c = pre.config
+  d, f, r = c.hidden_size, c.intermediate_size, 4
+  per_layer = 4 * r * (d + d) + r * (d + f) + r * (f + d)  # q, k, v, attn out; intermediate; output
+  assert sum(v.size for v in _lora_params(pre.params).values()) == c.num_layers * per_layer
+  a = pre.params['layer_0']['attention']['query_lora']['lora_A']
+  assert np.abs(a).max() <= 1 / np.sqrt(d) and np.abs(a).std() > 0  # nn.Linear's default
+
+
+def test_bad_keys_are_one_line_errors():
+  with pytest.raises(UsageError, match='model.lora.targets has .*ffn.*; use a comma-separated'):
+    LoRAConfig(rank=4, targets='query,ffn')
+  with pytest.raises(UsageError, match='model.lora.rank must be a positive integer'):
+    LoRAConfig(rank=-1)
+
+
+def _adapterhub_lora(minilm_dir, rank, alpha):
+  """AdapterHub's LoRA on MiniLM, every projection it can target, A and B non-zero."""
+  model = adapters.AutoAdapterModel.from_pretrained(str(minilm_dir))
+  config = adapters.LoRAConfig(r=rank, alpha=alpha, selfattn_lora=True,
+                               attn_matrices=['q', 'k', 'v'], intermediate_lora=True,
+                               output_lora=True, init_weights='bert')
+  model.add_adapter('l', config=config)
+  model.set_active_adapters('l')
+  model.eval()
+  return model
+
+
+_AH_SITE = {'attention.self.query': ('attention', 'query_lora'),
+            'attention.self.key': ('attention', 'key_lora'),
+            'attention.self.value': ('attention', 'value_lora'),
+            'intermediate.dense': ('intermediate', 'intermediate_dense_lora'),
+            'output.dense': ('output_lora',)}
+
+
+def test_forward_equals_adapterhub_lora(minilm_dir):
+  rank, alpha = 4, 16
+  model = _adapterhub_lora(minilm_dir, rank, alpha)
+  pre = load_pretrained(minilm_dir, adapter=LoRAConfig(
+      rank=rank, alpha=alpha, targets=('query', 'key', 'value', 'intermediate', 'output')))
+  flat = tu.flatten_dict(pre.params)
+  copied = 0
+  for key, value in model.state_dict().items():
+    if '.loras.l.' not in key:
+      continue
+    layer = int(key.split('encoder.layer.')[1].split('.')[0])
+    module = key.split(f'encoder.layer.{layer}.')[1].split('.loras.')[0]
+    leaf = key.rsplit('.', 1)[1]  # lora_A [r, in] / lora_B [out, r], torch layout
+    path = (f'layer_{layer}',) + _AH_SITE[module] + (leaf,)
+    assert flat[path].shape == value.numpy().T.shape, key
+    flat[path] = value.numpy().T.astype(np.float32)
+    copied += 1
+  assert copied == 6 * 5 * 2
+  params = tu.unflatten_dict(flat)
+  ids, mask, types = _batch(pre)
+  ours = np.asarray(pre.model.apply({'params': params}, ids, mask, types)['last_hidden_state'])
+  with torch.no_grad():
+    theirs = model.base_model(input_ids=torch.tensor(ids, dtype=torch.long),
+                              attention_mask=torch.tensor(mask, dtype=torch.long),
+                              token_type_ids=torch.tensor(types, dtype=torch.long))
+  theirs = theirs.last_hidden_state.numpy()
+  valid = mask.astype(bool)
+  base = np.asarray(load_pretrained(minilm_dir).encode(TEXTS)['last_hidden_state'])
+  assert np.abs(theirs[valid] - base[valid]).max() > 1e-2  # the LoRA weights matter
+  diff = np.abs(ours[valid] - theirs[valid]).max()
+  print(f'LoRA vs AdapterHub LoRA: max |difference| = {diff:.2e}')
+  assert diff <= 1e-4
+
+
+def test_merge_folds_the_update_into_the_kernels(minilm_dir):
+  config = LoRAConfig(rank=4, alpha=8, targets=ALL)
+  pre = load_pretrained(minilm_dir, adapter=config)
+  rng = np.random.default_rng(0)
+  flat = tu.flatten_dict(pre.params)
+  for k in _lora_params(pre.params):
+    flat[k] = rng.normal(0, 0.05, flat[k].shape).astype(np.float32)
+  params = tu.unflatten_dict(flat)
+  merged = lora.merge(params, config, pre.config.num_layers)
+  assert not _lora_params(merged)
+  ids, mask, types = _batch(pre)
+  unmerged_out = pre.model.apply({'params': params}, ids, mask, types)['last_hidden_state']
+  merged_out = Encoder(pre.config).apply({'params': merged}, ids, mask, types)[
+      'last_hidden_state']
+  valid = mask.astype(bool)
+  diff = np.abs(np.asarray(unmerged_out)[valid] - np.asarray(merged_out)[valid]).max()
+  print(f'merged vs unmerged: max |difference| = {diff:.2e}')
+  assert diff <= 1e-5
+
+
+def test_lora_and_adapter_artifacts_serve_together_as_they_do_alone(tmp_path):
+  """A LoRA run and a bottleneck run through the trainer; their artifacts in one mixed batch
+  predict what each predicts alone (per-example routing across methods)."""
+  from adapter_tuning.data import demo
+  from adapter_tuning.predict import predict_rows
+  from adapter_tuning.serving.multi_adapter import MultiTaskModel
+  from adapter_tuning.training.trainer import train_and_evaluate
+  from conftest import GLUE_DIR
+  from helpers import tiny_config
+  base = demo.ensure_checkpoint(tmp_path / 'base')
+  common = {'data.source': 'glue_dir', 'data.data_dir': str(GLUE_DIR),
+            'data.max_train_examples': 64, 'data.max_eval_examples': 32, 'learning_rate': 3e-3}
+  train_and_evaluate(tiny_config(base, 'glue/rte', **common, **{
+      'model.lora.rank': 4, 'model.lora.targets': 'query,value,output',
+      'model.adapter.placement': 'none', 'trainable': 'peft'}), tmp_path / 'rte')
+  train_and_evaluate(tiny_config(base, 'glue/sst2', **common, **{
+      'model.lora.rank': 4, 'model.lora.targets': 'query'}), tmp_path / 'sst2')  # + adapters
+  import json
+  meta = json.loads((tmp_path / 'sst2' / 'adapter' / 'config.json').read_text())
+  assert set(meta['peft']) == {'bottleneck', 'lora'}
+  dirs = [tmp_path / 'rte' / 'adapter', tmp_path / 'sst2' / 'adapter']
+  mixed = MultiTaskModel(dirs)
+  rows = [{'text': f'a film {i}', 'text_pair': 'it is good' if i % 2 else None,
+           'task': 'glue/rte' if i % 2 else 'glue/sst2'} for i in range(8)]
+  together = predict_rows(mixed, rows, 4, 32)
+  for d, task in zip(dirs, ('glue/rte', 'glue/sst2')):
+    mine = [i for i, r in enumerate(rows) if r['task'] == task]
+    alone = predict_rows(MultiTaskModel([d]), [rows[i] for i in mine], 4, 32)
+    for i, a in zip(mine, alone):
+      assert a['label'] == together[i]['label']
+      np.testing.assert_allclose(a['logits'], together[i]['logits'], atol=1e-5)
+  with pytest.raises(UsageError, match='different rank/alpha'):
+    lora.union([LoRAConfig(rank=2), LoRAConfig(rank=4)])
+
+
+def test_ia3_equals_adapterhub_ia3_and_merges(minilm_dir, minilm):
+  from adapter_tuning.peft import ia3
+  from adapter_tuning.peft.ia3 import IA3Config
+  model = adapters.AutoAdapterModel.from_pretrained(str(minilm_dir))
+  model.add_adapter('i', config=adapters.IA3Config())  # k, v and intermediate, before act
+  model.set_active_adapters('i')
+  model.eval()
+  config = IA3Config(targets='key,value,intermediate')
+  pre = load_pretrained(minilm_dir, adapter=config)
+  np.testing.assert_array_equal(pre.encode(TEXTS)['last_hidden_state'],
+                                minilm.encode(TEXTS)['last_hidden_state'])  # ones: the base
+  flat = tu.flatten_dict(pre.params)
+  sites = {'attention.self.key': ('attention', 'key_ia3'),
+           'attention.self.value': ('attention', 'value_ia3'),
+           'intermediate.dense': ('intermediate', 'intermediate_dense_ia3')}
+  rng = np.random.default_rng(0)
+  copied = 0
+  with torch.no_grad():
+    for key, value in model.named_parameters():
+      if '.loras.i.lora_B' not in key:  # AdapterHub keeps IA³'s vector in lora_B
+        continue
+      value.copy_(torch.tensor(rng.uniform(0.5, 1.5, value.shape), dtype=torch.float32))
+      layer = int(key.split('encoder.layer.')[1].split('.')[0])
+      module = key.split(f'encoder.layer.{layer}.')[1].split('.loras.')[0]
+      path = (f'layer_{layer}',) + sites[module] + ('scale',)
+      flat[path] = value.numpy().reshape(flat[path].shape).astype(np.float32)
+      copied += 1
+  assert copied == 6 * 3
+  params = tu.unflatten_dict(flat)
+  ids, mask, types = _batch(pre)
+  ours = np.asarray(pre.model.apply({'params': params}, ids, mask, types)['last_hidden_state'])
+  with torch.no_grad():
+    theirs = model.base_model(input_ids=torch.tensor(ids, dtype=torch.long),
+                              attention_mask=torch.tensor(mask, dtype=torch.long),
+                              token_type_ids=torch.tensor(types, dtype=torch.long))
+  valid = mask.astype(bool)
+  diff = np.abs(ours[valid] - theirs.last_hidden_state.numpy()[valid]).max()
+  print(f'IA3 vs AdapterHub IA3: max |difference| = {diff:.2e}')
+  assert diff <= 1e-4
+  merged = ia3.merge(params, config, pre.config.num_layers)
+  merged_out = Encoder(pre.config).apply({'params': merged}, ids, mask, types)[
+      'last_hidden_state']
+  assert np.abs(np.asarray(merged_out)[valid] - ours[valid]).max() <= 1e-5
