@@ -23,6 +23,14 @@ def _batch(pre):
   return b['input_ids'], b['attention_mask'], b['token_type_ids']
 
 
+def _torch_hidden(model, ids, mask, types):
+  with torch.no_grad():
+    out = model.base_model(input_ids=torch.tensor(ids, dtype=torch.long),
+                           attention_mask=torch.tensor(mask, dtype=torch.long),
+                           token_type_ids=torch.tensor(types, dtype=torch.long))
+  return out.last_hidden_state.numpy()
+
+
 def _lora_params(params):
   return {k: v for k, v in tu.flatten_dict(params).items() if any('_lora' in p for p in k)}
 
@@ -90,11 +98,7 @@ def test_forward_equals_adapterhub_lora(minilm_dir):
   params = tu.unflatten_dict(flat)
   ids, mask, types = _batch(pre)
   ours = np.asarray(pre.model.apply({'params': params}, ids, mask, types)['last_hidden_state'])
-  with torch.no_grad():
-    theirs = model.base_model(input_ids=torch.tensor(ids, dtype=torch.long),
-                              attention_mask=torch.tensor(mask, dtype=torch.long),
-                              token_type_ids=torch.tensor(types, dtype=torch.long))
-  theirs = theirs.last_hidden_state.numpy()
+  theirs = _torch_hidden(model, ids, mask, types)
   valid = mask.astype(bool)
   base = np.asarray(load_pretrained(minilm_dir).encode(TEXTS)['last_hidden_state'])
   assert np.abs(theirs[valid] - base[valid]).max() > 1e-2  # the LoRA weights matter
@@ -189,12 +193,9 @@ def test_ia3_equals_adapterhub_ia3_and_merges(minilm_dir, minilm):
   params = tu.unflatten_dict(flat)
   ids, mask, types = _batch(pre)
   ours = np.asarray(pre.model.apply({'params': params}, ids, mask, types)['last_hidden_state'])
-  with torch.no_grad():
-    theirs = model.base_model(input_ids=torch.tensor(ids, dtype=torch.long),
-                              attention_mask=torch.tensor(mask, dtype=torch.long),
-                              token_type_ids=torch.tensor(types, dtype=torch.long))
+  theirs = _torch_hidden(model, ids, mask, types)
   valid = mask.astype(bool)
-  diff = np.abs(ours[valid] - theirs.last_hidden_state.numpy()[valid]).max()
+  diff = np.abs(ours[valid] - theirs[valid]).max()
   print(f'IA3 vs AdapterHub IA3: max |difference| = {diff:.2e}')
   assert diff <= 1e-4
   merged = ia3.merge(params, config, pre.config.num_layers)

@@ -47,6 +47,20 @@ def site_scope(layer_params: dict, site: str) -> dict:
   return layer_params['intermediate'] if site == 'intermediate_dense' else layer_params
 
 
+def normalize_sites(config, key: str, known: dict, hint: str = ''):
+  """For a method config's __post_init__: `targets` (comma-separated or a sequence) as a
+  tuple of names of `known`, `layers` as a tuple or None; a bad target is one line."""
+  targets = config.targets.split(',') if isinstance(config.targets, str) else config.targets
+  object.__setattr__(config, 'targets', tuple(t.strip() for t in targets if t.strip()))
+  if config.layers is not None:
+    object.__setattr__(config, 'layers', tuple(int(i) for i in config.layers) or None)
+  unknown = [t for t in config.targets if t not in known]
+  if unknown or not config.targets:
+    from adapter_tuning.errors import UsageError
+    raise UsageError(f'{key} has {unknown or "nothing"}; use a comma-separated subset of '
+                     f'{",".join(known)}{hint}')
+
+
 @dataclasses.dataclass(frozen=True)
 class Method:
   """One PEFT method, as the rest of the code sees it.

@@ -19,7 +19,7 @@ import flax.traverse_util as tu
 import numpy as np
 
 from adapter_tuning.errors import UsageError
-from adapter_tuning.peft import Method, site_scope
+from adapter_tuning.peft import Method, normalize_sites, site_scope
 
 TARGET_SITES = {'key': 'key', 'value': 'value', 'intermediate': 'intermediate_dense',
                 'output': 'output'}
@@ -37,15 +37,8 @@ class IA3Config:
   seed: int = 0
 
   def __post_init__(self):
-    targets = self.targets.split(',') if isinstance(self.targets, str) else self.targets
-    object.__setattr__(self, 'targets', tuple(t.strip() for t in targets if t.strip()))
-    if self.layers is not None:
-      object.__setattr__(self, 'layers', tuple(int(i) for i in self.layers) or None)
-    unknown = [t for t in self.targets if t not in TARGET_SITES]
-    if unknown or not self.targets:
-      raise UsageError(f'model.ia3.targets has {unknown or "nothing"}; use a comma-separated '
-                       f'subset of {",".join(TARGET_SITES)} (key,value,intermediate is the '
-                       "paper's), or '' for IA³ off")
+    normalize_sites(self, 'model.ia3.targets', TARGET_SITES,
+                    " (key,value,intermediate is the paper's), or '' for IA³ off")
 
   def sites(self, layer: int) -> tuple[str, ...]:
     if self.layers is not None and layer not in self.layers:

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from adapter_tuning.errors import UsageError
-from adapter_tuning.peft import Method, site_scope
+from adapter_tuning.peft import Method, normalize_sites, site_scope
 
 TARGET_SITES = {'query': 'query', 'key': 'key', 'value': 'value',
                 'attention_output': 'attention_out', 'intermediate': 'intermediate_dense',
@@ -43,17 +43,10 @@ class LoRAConfig:
   seed: int = 0
 
   def __post_init__(self):
-    targets = self.targets.split(',') if isinstance(self.targets, str) else self.targets
-    object.__setattr__(self, 'targets', tuple(t.strip() for t in targets if t.strip()))
-    if self.layers is not None:
-      object.__setattr__(self, 'layers', tuple(int(i) for i in self.layers) or None)
     if not isinstance(self.rank, int) or self.rank <= 0:
       raise UsageError(f'model.lora.rank must be a positive integer (0 = LoRA off), got '
                        f'{self.rank!r}')
-    unknown = [t for t in self.targets if t not in TARGET_SITES]
-    if unknown or not self.targets:
-      raise UsageError(f'model.lora.targets has {unknown or "nothing"}; use a comma-separated '
-                       f'subset of {",".join(TARGET_SITES)}')
+    normalize_sites(self, 'model.lora.targets', TARGET_SITES)
     if self.dropout != 0:
       raise UsageError(f'model.lora.dropout={self.dropout}: LoRA dropout is not implemented '
                        'yet; use 0.0')
