@@ -57,9 +57,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.head.standardize_targets = True   # regression: learn (y - mean) / std of the train
                                             # split, folded back into the head for eval/artifact
 
-  # What trains: adapters (adapters + all layer norms + head, the paper) | peft (adapters + head,
+  # What trains (training/trainable.py): adapters (adapters + all layer norms + head, the paper) | peft (adapters + head,
   # LayerNorms frozen: AdapterHub's and peft's recipe) | bitfit (every bias + head) | full | head | top:K,
-  # or a tuple of (regex over '/'-joined param paths, 'train' | 'freeze') rules, first match wins.
+  # or (regex over '/'-joined param paths, 'train' | 'freeze') rules, first match wins: a tuple
+  # in a config file, 'REGEX=train;REGEX=freeze;...' on the command line.
   c.trainable = ml_collections.FieldReference('adapters', field_type=object)
 
   c.data = ml_collections.ConfigDict()
@@ -135,6 +136,11 @@ def _check_types(config: ml_collections.ConfigDict, reference: ml_collections.Co
     if key not in reference:
       raise UsageError(f'unknown config key {name!r}; see adapter_tuning/config.py for valid keys')
     value, ref = config[key], reference[key]
+    if name == 'trainable':  # a preset name, 'REGEX=mode;...', or a list of (regex, mode)
+      if not isinstance(value, (str, list, tuple)):
+        raise UsageError(f'config.trainable must be a preset name or (regex, mode) rules, got '
+                         f'{value!r}')
+      continue
     if isinstance(ref, ml_collections.ConfigDict):
       if not isinstance(value, ml_collections.ConfigDict):
         raise UsageError(f'config.{name} must be a group of keys, got {value!r}')

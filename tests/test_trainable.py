@@ -110,3 +110,19 @@ def test_schedule_warmup_then_linear_decay():
   assert float(s(55)) == pytest.approx(0.5)
   assert float(s(100)) == pytest.approx(0.0)
   assert isinstance(optax.adamw(s), optax.GradientTransformation)
+
+
+def test_rules_from_a_config_file_and_the_command_line():
+  """Rule lists pass config validation (a tuple in a config file) and have a command-line
+  spelling, 'REGEX=mode;...', split at each item's last '='."""
+  from adapter_tuning import config as defaults
+  assert tl.resolve('_adapter/=train;^head/=train;.*=freeze', 2) == (
+      ('_adapter/', 'train'), ('^head/', 'train'), ('.*', 'freeze'))
+  assert tl.resolve('a=b=train', 2) == (('a=b', 'train'),)
+  c = defaults.get_config()
+  c.data.task, c.data.source = 'demo', 'generated'
+  c.trainable = (('_adapter/', 'train'), ('.*', 'freeze'))
+  defaults.validate(c)
+  c.trainable = 3
+  with pytest.raises(UsageError, match='config.trainable must be a preset name or'):
+    defaults.validate(c)

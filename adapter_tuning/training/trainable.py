@@ -67,18 +67,22 @@ def resolve(spec, num_layers: int) -> Rules:
       return FULL
     if spec == 'head':
       return HEAD
+    if '=' in spec:  # the command-line spelling of rules: 'REGEX=train;REGEX=freeze;...'
+      return resolve([tuple(item.rsplit('=', 1)) for item in spec.split(';') if item.strip()],
+                     num_layers)
     if spec.startswith('top:'):
       try:
         k = int(spec[4:])
       except ValueError:
         raise UsageError(f'trainable={spec!r}: K in top:K must be an integer') from None
       return top_k(k, num_layers)
-    raise UsageError(f'unknown trainable preset {spec!r}; use adapters, peft, bitfit, full, head, top:K '
-                     'or a list of (regex, train|freeze) rules')
+    raise UsageError(f'unknown trainable preset {spec!r}; use adapters, peft, bitfit, full, head, '
+                     "top:K, or rules: 'REGEX=train;REGEX=freeze;...'")
   rules = []
   for rule in spec:
     if not isinstance(rule, Sequence) or len(rule) != 2 or rule[1] not in ('train', 'freeze'):
-      raise UsageError(f'bad trainable rule {rule!r}; each rule is (regex, "train"|"freeze")')
+      raise UsageError(f'bad trainable rule {rule!r}; each rule is (regex, "train"|"freeze"), '
+                       "on the command line REGEX=train or REGEX=freeze")
     try:
       re.compile(rule[0])
     except re.error as e:
