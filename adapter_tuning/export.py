@@ -25,6 +25,13 @@ original_ln_before=False) adapter saved with its head, as an artifact that
   python -m adapter_tuning.export --adapter AH_DIR --format adapterhub --to_artifact \\
       --base BASE_DIR --output OUT_ARTIFACT [--name TASK] [--max_seq_length N]
 
+Export an artifact whose methods only change weights (LoRA, IA³, BitFit, LayerNorms, the
+head) as a plain Hugging Face checkpoint, the methods merged into the base's tensors:
+
+  python -m adapter_tuning.export --adapter runs/sst2/adapter --format hf_merged --output OUT
+
+OUT loads with `transformers.AutoModelForSequenceClassification.from_pretrained(OUT)` alone.
+
 Flags may be spelled with dashes too (--to-artifact). Anything the other side cannot
 compute exactly is refused with a one-line reason (exit 2): a base that is not BERT/RoBERTa,
 an adapter placement or option the other side lacks (e.g. original_ln_before=True with
@@ -47,7 +54,9 @@ from absl import flags
 FLAGS = flags.FlagValues()
 flags.DEFINE_string('adapter', None, 'Artifact folder (export) or AdapterHub adapter folder '
                     '(with --to_artifact).', flag_values=FLAGS)
-flags.DEFINE_enum('format', None, ['adapterhub'], 'Foreign format.', flag_values=FLAGS)
+flags.DEFINE_enum('format', None, ['adapterhub', 'hf_merged'], 'adapterhub: AdapterHub adapter '
+                  'folder (both ways); hf_merged: a plain Hugging Face *ForSequenceClassification '
+                  'checkpoint with LoRA/IA³/BitFit merged in.', flag_values=FLAGS)
 flags.DEFINE_string('output', None, 'Folder to write (must not exist unless --overwrite).',
                     flag_values=FLAGS)
 flags.DEFINE_bool('to_artifact', False, 'Import --adapter (AdapterHub) into an artifact.',
@@ -198,6 +207,23 @@ def export_artifact(artifact_dir: pathlib.Path, out: pathlib.Path, name: str | N
   return '; '.join(parts)
 
 
+def export_merged(artifact_dir: pathlib.Path, out: pathlib.Path, base: str | None = None,
+                  overwrite: bool = False) -> str:
+  """Artifact -> plain Hugging Face checkpoint with the methods merged (interop/hf_merged)."""
+  from adapter_tuning.interop import artifact, hf_checkpoint, hf_merged
+  _check_output(out, overwrite)
+  meta, params = artifact.load(artifact_dir)
+  base_dir = _base_dir(artifact.base_path(artifact_dir, meta, base),
+                       'pass --base with the checkpoint the adapter was trained on')
+  config = hf_checkpoint.read_model_config(base_dir)
+  artifact.check_base(meta, hf_checkpoint.checkpoint_identity(base_dir), str(artifact_dir))
+  artifact.check_weights(artifact_dir, meta, params, config)
+  hf_config, state = hf_merged.build(meta, params, base_dir)
+  hf_merged.write(out, hf_config, state, base_dir)
+  return (f'wrote {hf_config["architectures"][0]} to {out}: load it with '
+          f'transformers.AutoModelForSequenceClassification.from_pretrained({str(out)!r})')
+
+
 def import_adapterhub(ah_dir: pathlib.Path, base: str, out: pathlib.Path,
                       name: str | None = None, max_seq_length: int = 0,
                       overwrite: bool = False) -> str:
@@ -254,7 +280,9 @@ def _run():
   adapter, out = pathlib.Path(FLAGS.adapter), pathlib.Path(FLAGS.output)
   if not adapter.exists():
     raise UsageError(f'--adapter {adapter} does not exist')
-  if FLAGS.to_artifact:
+  if FLAGS.format == 'hf_merged':
+    print(export_merged(adapter, out, FLAGS.base, FLAGS.overwrite))
+  elif FLAGS.to_artifact:
     print(import_adapterhub(adapter, FLAGS.base, out, FLAGS.name, FLAGS.max_seq_length,
                             FLAGS.overwrite))
   else:

@@ -202,3 +202,55 @@ def test_ia3_equals_adapterhub_ia3_and_merges(minilm_dir, minilm):
   merged_out = Encoder(pre.config).apply({'params': merged}, ids, mask, types)[
       'last_hidden_state']
   assert np.abs(np.asarray(merged_out)[valid] - ours[valid]).max() <= 1e-5
+
+
+def test_merged_checkpoint_loads_in_transformers_with_the_same_logits(minilm_dir, tmp_path):
+  """LoRA + IA³ + trained LayerNorms and head, merged: transformers alone reproduces the
+  artifact's logits; an artifact with bottleneck adapters is refused in one line."""
+  import dataclasses
+  import transformers
+  from adapter_tuning import export, peft
+  from adapter_tuning.interop import artifact
+  from adapter_tuning.peft.ia3 import IA3Config
+  from adapter_tuning.serving.multi_adapter import MultiTaskModel
+  from adapter_tuning.training import trainable as tl
+  config = peft.combine([LoRAConfig(rank=4, targets=ALL), IA3Config()])
+  pre = load_pretrained(minilm_dir, adapter=config)
+  rng = np.random.default_rng(0)
+  flat = tu.flatten_dict({'encoder': pre.params, 'head': {
+      'kernel': rng.normal(0, 0.5, (pre.config.hidden_size, 3)), 'bias': rng.normal(0, 0.5, 3)}})
+  for k, v in flat.items():
+    if any(m in p for p in k for m in ('_lora', '_ia3', 'layer_norm')):
+      flat[k] = np.asarray(v) + rng.normal(0, 0.05, np.shape(v))
+  rules = tl.resolve('adapters', pre.config.num_layers)
+  trained, _ = tl.split(tu.unflatten_dict({k: np.asarray(v, np.float32)
+                                           for k, v in flat.items()}), rules)
+  art = tmp_path / 'artifact'
+  artifact.save(art, trained, {
+      'task': 'glue/mnli', 'head': 'classification', 'label_names': ['e', 'n', 'c'],
+      'num_outputs': 3, 'peft': peft.to_meta(config), 'trainable_rules': [list(r) for r in rules],
+      'base': {**pre.identity, 'path': str(minilm_dir)}, 'max_seq_length': 32})
+  out = tmp_path / 'merged'
+  assert export.main(['export', '--adapter', str(art), '--format', 'hf_merged',
+                      '--output', str(out)]) == 0
+  ids, mask, types = _batch(pre)
+  ours = MultiTaskModel([art]).logits(np.zeros(len(ids), np.int32), {
+      'input_ids': ids, 'attention_mask': mask, 'token_type_ids': types})
+  model = transformers.AutoModelForSequenceClassification.from_pretrained(str(out)).eval()
+  with torch.no_grad():
+    theirs = model(input_ids=torch.tensor(ids, dtype=torch.long),
+                   attention_mask=torch.tensor(mask, dtype=torch.long),
+                   token_type_ids=torch.tensor(types, dtype=torch.long)).logits.numpy()
+  diff = float(np.abs(np.asarray(ours)[:, :3] - theirs).max())
+  print(f'merged checkpoint in transformers: max |logit difference| = {diff:.2e}')
+  assert diff <= 1e-4 and model.config.id2label[1] == 'n'
+  bottleneck = load_pretrained(minilm_dir, adapter={'size': 8})
+  art2 = tmp_path / 'bottleneck'
+  artifact.save(art2, {'head': trained['head']}, {
+      'task': 'glue/mnli', 'head': 'classification', 'label_names': ['e', 'n', 'c'],
+      'num_outputs': 3, 'peft': peft.to_meta(bottleneck.adapter),
+      'trainable_rules': [['^head/', 'train'], ['.*', 'freeze']],
+      'base': {**pre.identity, 'path': str(minilm_dir)}})
+  assert export.main(['export', '--adapter', str(art2), '--format', 'hf_merged',
+                      '--output', str(tmp_path / 'no')]) == 2
+  assert not (tmp_path / 'no').exists()

@@ -78,6 +78,7 @@ class Method:
   from_run_config: Callable  # the run config -> a config_class instance, or None (no method)
   from_meta: Callable  # an artifact's recorded config (dict or None) -> config or None
   union: Callable  # [configs] -> one config whose modules hold each of them (serving)
+  merge: Callable | None = None  # (encoder params, config, num_layers) -> plain encoder params
 
 
 def methods() -> tuple[Method, ...]:

@@ -106,4 +106,5 @@ def union(configs: list[IA3Config]) -> IA3Config:
 
 
 METHOD = Method(name='ia3', config_class=IA3Config, param_marker=PARAM_MARKER,
-                from_run_config=from_run_config, from_meta=from_meta, union=union)
+                from_run_config=from_run_config, from_meta=from_meta, union=union,
+                merge=merge)

@@ -157,4 +157,5 @@ def union(configs: list[LoRAConfig]) -> LoRAConfig:
 
 
 METHOD = Method(name='lora', config_class=LoRAConfig, param_marker=PARAM_MARKER,
-                from_run_config=from_run_config, from_meta=from_meta, union=union)
+                from_run_config=from_run_config, from_meta=from_meta, union=union,
+                merge=merge)

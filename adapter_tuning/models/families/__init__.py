@@ -31,6 +31,8 @@ class Family:
   build_pair: Callable  # (cls_id, sep_id, ids_a, ids_b | None) -> (ids, token type ids)
   num_special_tokens_pair: int  # special tokens around a text pair
   adapterhub_model_class: str  # AdapterHub's flexible-head model class for this family
+  sequence_classifier: Callable  # (pooler {kernel, bias}, head {kernel, bias}) -> (HF
+  # *ForSequenceClassification class name, its tensors outside the encoder, keep_pooler)
 
 
 def families() -> tuple[Family, ...]:

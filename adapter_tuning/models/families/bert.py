@@ -87,8 +87,15 @@ def build_pair(cls_id: int, sep_id: int, ids_a, ids_b=None):
   return ids, types
 
 
+def sequence_classifier(pooler: dict, head: dict):
+  """BertForSequenceClassification: the tanh pooler over [CLS], then `classifier`."""
+  return 'BertForSequenceClassification', {
+      'classifier.weight': head['kernel'].T, 'classifier.bias': head['bias']}, True
+
+
 FAMILY = Family(name='bert', read_config=read_config, checkpoint_key=checkpoint_key,
                 key_prefixes=('bert.',), position_ids=position_ids,
                 position_offset=lambda config: 0, special_tokens=('[CLS]', '[SEP]'),
                 build_pair=build_pair, num_special_tokens_pair=3,
-                adapterhub_model_class='BertAdapterModel')
+                adapterhub_model_class='BertAdapterModel',
+                sequence_classifier=sequence_classifier)

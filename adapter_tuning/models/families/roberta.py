@@ -28,6 +28,14 @@ def build_pair(cls_id: int, sep_id: int, ids_a, ids_b=None):
   return ids, [0] * len(ids)
 
 
+def sequence_classifier(pooler: dict, head: dict):
+  """RobertaClassificationHead is out_proj(tanh(dense(<s> state))): our pooler + head."""
+  return 'RobertaForSequenceClassification', {
+      'classifier.dense.weight': pooler['kernel'].T, 'classifier.dense.bias': pooler['bias'],
+      'classifier.out_proj.weight': head['kernel'].T, 'classifier.out_proj.bias': head['bias'],
+  }, False
+
+
 FAMILY = Family(name='roberta',
                 read_config=functools.partial(bert.read_config, model_type='roberta',
                                               default_pad=1),
@@ -35,4 +43,5 @@ FAMILY = Family(name='roberta',
                 position_ids=position_ids,
                 position_offset=lambda config: config.pad_token_id + 1,
                 special_tokens=('<s>', '</s>'), build_pair=build_pair,
-                num_special_tokens_pair=4, adapterhub_model_class='RobertaAdapterModel')
+                num_special_tokens_pair=4, adapterhub_model_class='RobertaAdapterModel',
+                sequence_classifier=sequence_classifier)
