@@ -177,19 +177,25 @@ def read_adapterhub(directory: pathlib.Path):
                             load(ah.HEAD_WEIGHTS), ln)
 
 
-def export_artifact(artifact_dir: pathlib.Path, out: pathlib.Path, name: str | None = None,
-                    base: str | None = None, overwrite: bool = False) -> str:
-  """Artifact -> AdapterHub folder; returns a one-paragraph summary."""
-  from adapter_tuning.errors import UsageError
-  from adapter_tuning.interop import adapterhub as ah
+def _load_artifact(artifact_dir: pathlib.Path, base: str | None):
+  """(meta, params, base folder, base config): the artifact checked against its base."""
   from adapter_tuning.interop import artifact, hf_checkpoint
-  _check_output(out, overwrite)
   meta, params = artifact.load(artifact_dir)
   base_dir = _base_dir(artifact.base_path(artifact_dir, meta, base),
                        'pass --base with the checkpoint the adapter was trained on')
   config = hf_checkpoint.read_model_config(base_dir)
   artifact.check_base(meta, hf_checkpoint.checkpoint_identity(base_dir), str(artifact_dir))
   artifact.check_weights(artifact_dir, meta, params, config)
+  return meta, params, base_dir, config
+
+
+def export_artifact(artifact_dir: pathlib.Path, out: pathlib.Path, name: str | None = None,
+                    base: str | None = None, overwrite: bool = False) -> str:
+  """Artifact -> AdapterHub folder; returns a one-paragraph summary."""
+  from adapter_tuning.errors import UsageError
+  from adapter_tuning.interop import adapterhub as ah
+  _check_output(out, overwrite)
+  meta, params, base_dir, config = _load_artifact(artifact_dir, base)
   name = name or re.sub(r'[^A-Za-z0-9_\-]', '_', str(meta.get('task') or 'adapter'))
   files = ah.to_adapterhub(params, meta, config, name, base_dir.name)
   head_config = files.head_config['config']
@@ -210,14 +216,9 @@ def export_artifact(artifact_dir: pathlib.Path, out: pathlib.Path, name: str | N
 def export_merged(artifact_dir: pathlib.Path, out: pathlib.Path, base: str | None = None,
                   overwrite: bool = False) -> str:
   """Artifact -> plain Hugging Face checkpoint with the methods merged (interop/hf_merged)."""
-  from adapter_tuning.interop import artifact, hf_checkpoint, hf_merged
+  from adapter_tuning.interop import hf_merged
   _check_output(out, overwrite)
-  meta, params = artifact.load(artifact_dir)
-  base_dir = _base_dir(artifact.base_path(artifact_dir, meta, base),
-                       'pass --base with the checkpoint the adapter was trained on')
-  config = hf_checkpoint.read_model_config(base_dir)
-  artifact.check_base(meta, hf_checkpoint.checkpoint_identity(base_dir), str(artifact_dir))
-  artifact.check_weights(artifact_dir, meta, params, config)
+  meta, params, base_dir, _ = _load_artifact(artifact_dir, base)
   hf_config, state = hf_merged.build(meta, params, base_dir)
   hf_merged.write(out, hf_config, state, base_dir)
   return (f'wrote {hf_config["architectures"][0]} to {out}: load it with '
