@@ -254,3 +254,23 @@ def test_merged_checkpoint_loads_in_transformers_with_the_same_logits(minilm_dir
   assert export.main(['export', '--adapter', str(art2), '--format', 'hf_merged',
                       '--output', str(tmp_path / 'no')]) == 2
   assert not (tmp_path / 'no').exists()
+
+
+def test_lora_and_ia3_run_resumes_after_sigkill_bit_identically(tmp_path):
+  from helpers import run_train, start_train
+  from test_reliability import _assert_same_run, _kill_when, _logged_step
+  args = ('--config', 'configs/demo.py', '--config.num_train_steps=90',
+          '--config.checkpoint_every_steps=6', '--config.log_every_steps=3',
+          '--config.data.max_train_examples=512', '--config.model.adapter.placement=none',
+          '--config.model.lora.rank=4', '--config.model.lora.targets=query,value,output',
+          '--config.model.ia3.targets=key,value,intermediate', '--config.trainable=peft')
+  clean = tmp_path / 'clean'
+  result = run_train(*args, '--workdir', clean)
+  assert result.returncode == 0, result.stderr[-2000:]
+  victim = tmp_path / 'victim'
+  proc = start_train(*args, '--workdir', victim)
+  _kill_when(proc, victim, lambda w: _logged_step(w) >= 40)
+  assert not (victim / 'adapter').exists(), 'run finished before it could be killed'
+  final = run_train(*args, '--workdir', victim)
+  assert final.returncode == 0 and 'resumed from the checkpoint at step' in final.stdout
+  _assert_same_run(clean, victim)
