@@ -43,7 +43,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.lora = ml_collections.ConfigDict()  # LoRA (peft/lora.py); combines with adapters
   c.model.lora.rank = 0                     # rank r of each update; 0 = LoRA off
   c.model.lora.alpha = 8.0                  # the update is scaled by alpha / rank
-  c.model.lora.dropout = 0.0                # dropout on the LoRA input (only 0.0 so far)
+  c.model.lora.dropout = 0.0                # dropout on the LoRA input
   c.model.lora.targets = 'query,value'      # comma-separated: query,key,value,attention_output,
                                             # intermediate,output
 

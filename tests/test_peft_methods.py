@@ -274,3 +274,24 @@ def test_lora_and_ia3_run_resumes_after_sigkill_bit_identically(tmp_path):
   final = run_train(*args, '--workdir', victim)
   assert final.returncode == 0 and 'resumed from the checkpoint at step' in final.stdout
   _assert_same_run(clean, victim)
+
+
+def test_lora_dropout_acts_in_training_only(minilm_dir):
+  import jax
+  with_drop = load_pretrained(minilm_dir, adapter=LoRAConfig(rank=4, dropout=0.5))
+  flat = tu.flatten_dict(with_drop.params)
+  rng = np.random.default_rng(0)
+  for k in _lora_params(with_drop.params):
+    flat[k] = rng.normal(0, 0.1, flat[k].shape).astype(np.float32)
+  params = tu.unflatten_dict(flat)
+  ids, mask, types = _batch(with_drop)
+  run = lambda model, det: np.asarray(model.apply(
+      {'params': params}, ids, mask, types, deterministic=det,
+      rngs={'dropout': jax.random.PRNGKey(0)})['last_hidden_state'])
+  base_cfg = with_drop.config.__class__(**{**with_drop.config.__dict__, 'hidden_dropout': 0.0,
+                                           'attention_dropout': 0.0})
+  model_drop = Encoder(base_cfg, LoRAConfig(rank=4, dropout=0.5))
+  model_none = Encoder(base_cfg, LoRAConfig(rank=4))
+  np.testing.assert_array_equal(run(model_drop, True), run(model_none, True))
+  assert np.abs(run(model_drop, False) - run(model_none, False)).max() > 1e-3
+  np.testing.assert_array_equal(run(model_none, False), run(model_none, True))

@@ -25,8 +25,8 @@ class Scale(nn.Module):
   """y * s, s a learned vector over y's trailing axes (IA³'s form)."""
 
   @nn.compact
-  def __call__(self, x, y):
-    del x
+  def __call__(self, x, y, rng=None):
+    del x, rng
     return y * self.param('scale', nn.initializers.ones, y.shape[2:])
 
 

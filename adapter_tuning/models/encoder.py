@@ -153,7 +153,8 @@ class SelfAttention(nn.Module):
   def __call__(self, x_BxTxD, mask_BxT, deterministic: bool, dropout_rng=None):
     cfg = self.config
     head_dim = cfg.hidden_size // cfg.num_heads
-    project = lambda site, x, y: hooked(self.adapter, self.index, site, self.dtype, x, y)
+    project = lambda site, x, y: hooked(self.adapter, self.index, site, self.dtype, x, y,
+                                        _site_rng(dropout_rng, site))
     dense = lambda name: project(name, x_BxTxD, nn.DenseGeneral(
         (cfg.num_heads, head_dim), dtype=self.dtype, name=name)(x_BxTxD))
     q_BxTxNxH = dense('query')
@@ -192,10 +193,18 @@ class DenseAct(nn.Module):
     return bias_act(self.act)(y, bias)
 
 
-def hooked(peft_config, layer: int, site: str, dtype, x, y):
-  """y, or what the PEFT method's module at a projection site makes of (x, y) (peft)."""
+def hooked(peft_config, layer: int, site: str, dtype, x, y, rng=None):
+  """y, or what the PEFT method's module at a projection site makes of (x, y) (peft);
+  `rng` is the site's dropout key, None when deterministic."""
   hook = None if peft_config is None else peft_config.hook(layer, site, dtype)
-  return y if hook is None else hook(x, y)
+  return y if hook is None else hook(x, y, rng)
+
+
+def _site_rng(rng, site: str):
+  """A projection site's own dropout key, folded from its layer's (or attention's) key with
+  an index no other mask of that layer uses (they fold in 0, 1, 2)."""
+  from adapter_tuning import peft
+  return None if rng is None else jax.random.fold_in(rng, 100 + peft.SITES.index(site))
 
 
 class TransformerLayer(nn.Module):
@@ -220,7 +229,8 @@ class TransformerLayer(nn.Module):
 
     hook = lambda site: None if self.adapter is None else self.adapter.hook(
         self.index, site, self.dtype)
-    project = lambda site, x, y: hooked(self.adapter, self.index, site, self.dtype, x, y)
+    project = lambda site, x, y: hooked(self.adapter, self.index, site, self.dtype, x, y,
+                                        _site_rng(dropout_rng, site))
 
     def add_and_norm(site, residual_BxTxD, y_BxTxD):
       norm = ln(f'{site}_layer_norm')

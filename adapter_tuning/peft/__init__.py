@@ -11,7 +11,8 @@ runs) and knows nothing else about the method:
   projection sites  'query', 'key', 'value', 'attention_out' (attention), 'intermediate_dense'
                     (the FFN's first projection x W + b, before its activation),
                     'intermediate' (after the activation), 'output' (FFN): called as
-                    hook(x, y) with y = that projection of x, returns y' (where LoRA adds
+                    hook(x, y, rng) with y = that projection of x and rng the site's
+                    dropout key (None when deterministic), returns y' (where LoRA adds
                     B A x and IA³ scales y). Their modules live under layer_i/attention/ for
                     the four attention sites and layer_i/intermediate/ for
                     'intermediate_dense' (`site_scope`).
@@ -109,9 +110,9 @@ class Combined:
         for module in modules:
           y_or_x = module(y_or_x, *rest)
         return y_or_x
-      (y,) = rest  # (x, y) -> y'
+      y, rng = rest  # (x, y, dropout key) -> y'
       for module in modules:
-        y = module(y_or_x, y)
+        y = module(y_or_x, y, rng)
       return y
     return chained
 

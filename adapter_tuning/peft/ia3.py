@@ -64,8 +64,8 @@ class IA3(nn.Module):
   """A projection-site hook: y * scale, scale over y's feature axes ([N, H] or [F])."""
 
   @nn.compact
-  def __call__(self, x, y):
-    del x
+  def __call__(self, x, y, rng=None):
+    del x, rng
     return y * self.param('scale', nn.initializers.ones, y.shape[2:]).astype(y.dtype)
 
 

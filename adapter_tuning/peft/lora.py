@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from adapter_tuning.errors import UsageError
+from adapter_tuning.models.encoder import Dropout
 from adapter_tuning.peft import Method, normalize_sites, site_scope
 
 TARGET_SITES = {'query': 'query', 'key': 'key', 'value': 'value',
@@ -47,9 +48,8 @@ class LoRAConfig:
       raise UsageError(f'model.lora.rank must be a positive integer (0 = LoRA off), got '
                        f'{self.rank!r}')
     normalize_sites(self, 'model.lora.targets', TARGET_SITES)
-    if self.dropout != 0:
-      raise UsageError(f'model.lora.dropout={self.dropout}: LoRA dropout is not implemented '
-                       'yet; use 0.0')
+    if not 0 <= self.dropout < 1:
+      raise UsageError(f'model.lora.dropout must be in [0, 1), got {self.dropout}')
 
   @property
   def scale(self) -> float:
@@ -63,7 +63,7 @@ class LoRAConfig:
   def hook(self, layer: int, site: str, dtype):
     if site not in self.sites(layer):
       return None
-    return LoRA(self.rank, self.scale, dtype=dtype, name=f'{site}{PARAM_MARKER}')
+    return LoRA(self.rank, self.scale, self.dropout, dtype=dtype, name=f'{site}{PARAM_MARKER}')
 
   def init_layer(self, layer_params: dict, layer: int):
     """A ~ U(+-1/sqrt(in)) (nn.Linear's default), B = 0: one NumPy generator per site."""
@@ -84,15 +84,21 @@ class LoRAConfig:
 
 
 class LoRA(nn.Module):
-  """A projection-site hook: y + scale * (x A) B, with x and y flattened to [B, T, -1]."""
+  """A projection-site hook: y + scale * (Drop(x) A) B, x and y flattened to [B, T, -1].
+
+  Dropout acts on LoRA's input only (Hu et al.; AdapterHub and peft do the same), with the
+  site's own key (`rng`; None when deterministic).
+  """
 
   rank: int
   scale: float
+  dropout: float = 0.0
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, y):
+  def __call__(self, x, y, rng=None):
     x_BxTxI = x.reshape(x.shape[:2] + (-1,))
+    x_BxTxI = Dropout(self.dropout)(x_BxTxI, deterministic=rng is None, rng=rng)
     out = int(np.prod(y.shape[2:]))
     zeros = nn.initializers.zeros  # shapes only: the draw is LoRAConfig.init_layer's
     a = self.param('lora_A', zeros, (x_BxTxI.shape[-1], self.rank))
