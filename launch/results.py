@@ -27,9 +27,29 @@ def is_finished(run_dir: pathlib.Path) -> bool:
   return (run_dir / 'adapter' / 'config.json').exists()
 
 
-def method_of(trainable) -> str:
-  """'adapters' | 'full' | 'head' | 'top:K' as given; explicit rule lists are 'custom'."""
-  return trainable if isinstance(trainable, str) else 'custom'
+def method_of(cfg: dict) -> str:
+  """A run's method label: the `trainable` preset ('full', 'head', 'top:K', 'bitfit'); for
+  'adapters' / 'peft', the PEFT methods the model keys switch on ('adapters' for Houlsby
+  bottlenecks, else the placement, 'lora', 'ia3', joined by '+'; ' (peft)' when LayerNorms
+  stay frozen); explicit rule lists are 'custom'."""
+  trainable = cfg['trainable']
+  if not isinstance(trainable, str) or '=' in trainable:
+    return 'custom'
+  if trainable not in ('adapters', 'peft'):
+    return trainable
+  model = cfg['model']
+  adapter = model.get('adapter', {})
+  placement, scaling = adapter.get('placement', 'houlsby'), adapter.get('scaling', 1.0)
+  names = []
+  if placement != 'none':
+    names.append('adapters' if placement == 'houlsby' else placement +
+                 (f' x{scaling:g}' if scaling != 1.0 else ''))
+  if (model.get('lora') or {}).get('rank'):
+    names.append('lora')
+  if (model.get('ia3') or {}).get('targets'):
+    names.append('ia3')
+  label = '+'.join(names) or 'layernorms'
+  return label if trainable == 'adapters' else f'{label} (peft)'
 
 
 # ---------------------------------------------------------------------------------------
@@ -93,7 +113,7 @@ def collect_run(run_dir: pathlib.Path, metric: str) -> dict:
       final = evals[-1][1] if evals else None
   return {
       'name': run_dir.name, 'status': 'done' if art is not None else 'incomplete',
-      'method': method_of(cfg['trainable']),
+      'method': method_of(cfg),
       'adapter_size': adapter.get('size') if placement != 'none' else None,
       'placement': placement, 'learning_rate': cfg.get('learning_rate'),
       'num_epochs': cfg.get('num_epochs'), 'num_train_steps': cfg.get('num_train_steps'),
