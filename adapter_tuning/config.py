@@ -102,6 +102,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.grad_clip_norm = 1.0             # global gradient-norm clip (0 = off)
   c.seed = 0                         # data order, dropout and adapter init
 
+  c.early_stopping_patience = 0      # stop after N evaluations without a better main metric
+                                     # (needs eval_every_steps; 0 = off); adapter_best/ keeps
+                                     # the best-on-validation artifact either way
   c.log_every_steps = 50             # train metrics to metrics.jsonl / TensorBoard
   c.eval_every_steps = 0             # evaluate every N steps (0 = only at the end)
   c.checkpoint_every_steps = 500     # orbax checkpoint every N steps (and always at the end)
@@ -184,6 +187,9 @@ def validate(config: ml_collections.ConfigDict):
        f'model.head.pooling must be one of {", ".join(POOLINGS)}, got '
        f'{config.model.head.pooling!r}'),
       (config.grad_clip_norm >= 0, 'grad_clip_norm must be >= 0 (0 = off)'),
+      (config.early_stopping_patience >= 0, 'early_stopping_patience must be >= 0 (0 = off)'),
+      (config.early_stopping_patience == 0 or config.eval_every_steps > 0,
+       'early_stopping_patience needs evaluations during training: set eval_every_steps'),
       (config.model.lora.rank >= 0,
        f'model.lora.rank must be >= 0 (0 = off), got {config.model.lora.rank}'),
   ]

@@ -31,6 +31,8 @@ def _fails(result, code, *needles):
     (('--config.model.checkpoint=/no/such/dir',), ['/no/such/dir', 'does not exist']),
     (('--config.data.max_seq_length=100',), ['exceeds the model maximum']),
     (('--config.model.lora.rank=-2',), ['model.lora.rank must be >= 0']),
+    (('--config.early_stopping_patience=3',), ['needs evaluations during training',
+                                               'eval_every_steps']),
     (('--config.model.lora.rank=4', '--config.model.lora.targets=query,ffn'),
      ['model.lora.targets has', 'query,key,value,attention_output,intermediate,output']),
     (('--config.model.ia3.targets=query',), ['model.ia3.targets has', 'key,value,intermediate']),

@@ -35,6 +35,7 @@ from adapter_tuning.training import workdir as workdir_lib
 from adapter_tuning.training.build import Setup, build, length_buckets, num_steps_for, with_raw_head
 from adapter_tuning.training.checkpointing import Checkpointer
 from adapter_tuning.training.reporting import Reporter
+from adapter_tuning.training.selection import BEST_DIR, BestTracker
 
 
 class Preempted:
@@ -105,6 +106,7 @@ class Run:
   pool: object
   ckpt: Checkpointer
   reporter: Reporter
+  tracker: BestTracker  # best-on-validation artifact and early stopping (selection.py)
 
   @property
   def total_steps(self) -> int:
@@ -153,9 +155,26 @@ class Run:
       results.write_predictions(self.workdir)
     return results.metrics
 
+  def select(self, params_dev, metrics: dict, at_step: int) -> bool:
+    """Scores one evaluation; writes adapter_best/ on a new best. True: stop early."""
+    if not self.config.eval_every_steps:
+      return False
+    if self.tracker.update(metrics, at_step):
+      self.write_artifact(params_dev, metrics, at_step, BEST_DIR)
+      self.reporter.log(f'new best {self.tracker.metric} {self.tracker.score:.4f} at step '
+                        f'{at_step}: {self.workdir / BEST_DIR}')
+    return self.tracker.should_stop
+
+  def write_artifact(self, params_dev, metrics: dict, at_step: int, name: str = 'adapter'):
+    trained = with_raw_head(parallel.to_host(params_dev), self.setup.target_scale)
+    if jax.process_index() == 0:
+      artifact.save(self.workdir / name, trained,
+                    artifact_meta(self.config, self.setup, metrics, at_step))
+
   def save(self, state, at_step: int, force: bool = False):
     self.ckpt.save(at_step, state, {'step': at_step, 'total_steps': self.total_steps,
-                                    'base_sha256': self.setup.pretrained.identity['sha256']},
+                                    'base_sha256': self.setup.pretrained.identity['sha256'],
+                                    'selection': self.tracker.state()},
                    force=force)
 
   def close(self):
@@ -228,7 +247,8 @@ def start_run(config, workdir: pathlib.Path, setup: Setup, config_json: str) -> 
                       config.progress_bar)
   run = Run(config, workdir, setup, plan, mesh, parallel.put_replicated(frozen_params, mesh),
             tx, train_step, eval_step, pool,
-            Checkpointer(workdir / 'checkpoints', config.keep_checkpoints), reporter)
+            Checkpointer(workdir / 'checkpoints', config.keep_checkpoints), reporter,
+            BestTracker(f'eval/{setup.data.metric_names[0]}', config.early_stopping_patience))
   _log_header(run)
   return run
 
@@ -261,6 +281,7 @@ def init_or_restore(run: Run):
   if meta.get('base_sha256') != run.setup.pretrained.identity['sha256']:
     raise UsageError(f'the checkpoints in {run.workdir} were made with another base model; '
                      'use a new --workdir for this checkpoint')
+  run.tracker.restore(meta.get('selection'))
   run.reporter.log(f'resumed from the checkpoint at step {step}')
   return state, step
 
@@ -270,7 +291,7 @@ def train_loop(run: Run, state, step: int):
   c, late = run.config, LateMetrics(run.ckpt)
   run.reporter.rate(step)
   with Preempted() as preempted:
-    while step < run.total_steps:
+    while step < run.total_steps and not run.tracker.should_stop:
       epoch, start_batch = divmod(step, run.plan['steps_per_epoch'])
       for batch in run.batches(epoch, start_batch):
         if c.compile_ahead and not run.train_step.prepared:
@@ -284,8 +305,12 @@ def train_loop(run: Run, state, step: int):
         do_save = step % c.checkpoint_every_steps == 0 or preempted.flag
         if do_eval or do_save:
           late.flush()  # never evaluate or checkpoint a state whose last step is unchecked
-        if do_eval:
-          run.evaluate(state['params'], step)
+        if do_eval and run.select(state['params'], run.evaluate(state['params'], step), step):
+          run.reporter.log(f'early stopping at step {step}: no better {run.tracker.metric} in '
+                           f'{run.tracker.bad_evals} evaluations (best '
+                           f'{run.tracker.score:.4f} at step {run.tracker.step})')
+          run.save(state, step)
+          return state, step, False
         if do_save:
           run.save(state, step)
         if preempted.flag:
@@ -312,10 +337,8 @@ def finish(run: Run, state, step: int, clock: dict) -> dict:
   clock['eval_seconds'] = time.perf_counter() - eval_start
   run.pool.shutdown(cancel_futures=True)
   run.ckpt.wait()
-  trained = with_raw_head(parallel.to_host(state['params']), run.setup.target_scale)
-  if jax.process_index() == 0:
-    artifact.save(run.workdir / 'adapter', trained,
-                  artifact_meta(run.config, run.setup, final_metrics, step))
+  run.select(state['params'], final_metrics, step)
+  run.write_artifact(state['params'], final_metrics, step)
   _log_summary(run, step, clock)
   return final_metrics
 

@@ -23,7 +23,7 @@ from adapter_tuning import fileio
 from adapter_tuning.errors import UsageError
 
 RUN_FILES = ('metrics.jsonl', 'predictions*.json*', 'config.json')
-RUN_DIRS = ('checkpoints', 'tensorboard', 'adapter')
+RUN_DIRS = ('checkpoints', 'tensorboard', 'adapter', 'adapter_best')
 
 
 LOCK_FILE = '.lock'
