@@ -50,6 +50,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.ia3 = ml_collections.ConfigDict()  # IA³ (peft/ia3.py); combines with the others
   c.model.ia3.targets = ''                  # '' = off; key,value,intermediate (the paper's), output
 
+  c.model.prefix = ml_collections.ConfigDict()  # prefix tuning (peft/prefix.py)
+  c.model.prefix.length = 0                 # P key/value prefix positions per layer; 0 = off
+  c.model.prefix.bottleneck = 512           # width of the reparametrisation MLP
+
   c.model.head = ml_collections.ConfigDict()
   c.model.head.pooling = 'pooler'           # sentence vector of classification/regression heads:
                                             # pooler (tanh over [CLS], the paper) | cls ([CLS]

@@ -295,3 +295,62 @@ def test_lora_dropout_acts_in_training_only(minilm_dir):
   np.testing.assert_array_equal(run(model_drop, True), run(model_none, True))
   assert np.abs(run(model_drop, False) - run(model_none, False)).max() > 1e-3
   np.testing.assert_array_equal(run(model_none, False), run(model_none, True))
+
+
+def test_prefix_tuning_equals_adapterhub_prefix_tuning(minilm_dir):
+  """Prefix tuning and MAM (prefixes + a scaled parallel FFN adapter) against AdapterHub's
+  PrefixTuningConfig / MAMConfig-style union on MiniLM, with random non-zero weights."""
+  from adapter_tuning import peft
+  from adapter_tuning.peft import prefix
+  from adapter_tuning.peft.bottleneck import AdapterConfig
+  from adapter_tuning.peft.prefix import PrefixConfig
+  p_len, width = 5, 16
+  model = adapters.AutoAdapterModel.from_pretrained(str(minilm_dir))
+  model.add_adapter('p', config=adapters.ConfigUnion(
+      adapters.PrefixTuningConfig(prefix_length=p_len, bottleneck_size=width),
+      adapters.ParBnConfig(reduction_factor=48, scaling=4.0)))  # MAM's shape, m = 8
+  model.set_active_adapters('p')
+  model.eval()
+  config = peft.combine([PrefixConfig(length=p_len, bottleneck=width),
+                         AdapterConfig(size=8, placement='parallel_ffn', activation='relu',
+                                       scaling=4.0)])
+  pre = load_pretrained(minilm_dir, adapter=config)
+  c = pre.config
+  assert sum(v.size for k, v in tu.flatten_dict(pre.params).items() if k[0] == 'kv_prefix') == \
+      prefix.param_count(config.configs[0], c.hidden_size, c.num_layers)
+  flat = tu.flatten_dict(pre.params)
+  rng = np.random.default_rng(0)
+  ours_of = {'wte.weight': ('kv_prefix', 'wte'),
+             'control_trans.0.weight': ('kv_prefix', 'down', 'kernel'),
+             'control_trans.0.bias': ('kv_prefix', 'down', 'bias'),
+             'control_trans.2.weight': ('kv_prefix', 'up', 'kernel'),
+             'control_trans.2.bias': ('kv_prefix', 'up', 'bias')}
+  with torch.no_grad():
+    for key, value in model.named_parameters():
+      if '.prefix_tunings.p.self_prefix.' in key:  # one module, listed under its first owner
+        leaf = key.split('self_prefix.')[1]
+        value.copy_(torch.tensor(rng.normal(0, 0.3, value.shape), dtype=torch.float32))
+        v = value.numpy()
+        flat[ours_of[leaf]] = (v.T if v.ndim == 2 and leaf != 'wte.weight' else v).astype(
+            np.float32)
+      elif '.adapters.p.' in key:
+        value.copy_(torch.tensor(rng.normal(0, 0.1, value.shape), dtype=torch.float32))
+        layer = int(key.split('encoder.layer.')[1].split('.')[0])
+        proj, leaf = ('down', key.split('adapter_down.0.')[1]) if 'adapter_down' in key else \
+            ('up', key.split('adapter_up.')[1])
+        v = value.numpy()
+        flat[(f'layer_{layer}', 'ffn_adapter', proj, 'kernel' if leaf == 'weight' else 'bias')] = (
+            v.T if leaf == 'weight' else v).astype(np.float32)
+  params = tu.unflatten_dict(flat)
+  ids, mask, types = _batch(pre)
+  ours = np.asarray(pre.model.apply({'params': params}, ids, mask, types)['last_hidden_state'])
+  theirs = _torch_hidden(model, ids, mask, types)
+  valid = mask.astype(bool)
+  base = np.asarray(load_pretrained(minilm_dir).encode(TEXTS)['last_hidden_state'])
+  assert np.abs(theirs[valid] - base[valid]).max() > 1e-2
+  diff = np.abs(ours[valid] - theirs[valid]).max()
+  print(f'prefix tuning + scaled parallel FFN adapter (MAM) vs AdapterHub: {diff:.2e}')
+  assert diff <= 1e-4
+  scanned = Encoder(c, config, scan=True).apply({'params': params}, ids, mask, types)
+  np.testing.assert_allclose(np.asarray(scanned['last_hidden_state'])[valid], ours[valid],
+                             atol=1e-5)

@@ -31,7 +31,7 @@ class Scale(nn.Module):
 
 
 @dataclasses.dataclass(frozen=True)
-class ScaleConfig:
+class ScaleConfig(peft.MethodConfig):
   site: str
   layer: int = 1
   seed: int = 0

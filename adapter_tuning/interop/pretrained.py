@@ -108,6 +108,7 @@ def init_params(model: Encoder, seed: int) -> dict:
   if a is not None:
     for i in range(model.config.num_layers):
       a.init_layer(params[f'layer_{i}'], i)
+    a.init_encoder(params)
   pooler = params['pooler']['kernel']
   pooler[...] = np.random.default_rng((seed, 10_000)).normal(0.0, 0.02, pooler.shape)
   return params

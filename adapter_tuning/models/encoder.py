@@ -125,14 +125,15 @@ def folded_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, mask_BxT, drop_probs):
   against the plain 4-D formulation.
   """
   b, t, n, h = q_BxTxNxH.shape
-  fold = lambda y: y.transpose(0, 2, 1, 3).reshape(b * n, t, h)
+  s = k_BxTxNxH.shape[1]  # key positions: t, or t + P with prefixes
+  fold = lambda y: y.transpose(0, 2, 1, 3).reshape(b * n, y.shape[1], h)
   q = fold(q_BxTxNxH * jnp.asarray(h ** -0.5, q_BxTxNxH.dtype))
   logits_BxNxTxT = jax.lax.dot_general(
-      q, fold(k_BxTxNxH), (((2,), (2,)), ((0,), (0,)))).reshape(b, n, t, t)
+      q, fold(k_BxTxNxH), (((2,), (2,)), ((0,), (0,)))).reshape(b, n, t, s)
   big_neg = jnp.finfo(logits_BxNxTxT.dtype).min
   logits_BxNxTxT = jnp.where(mask_BxT[:, None, None, :], logits_BxNxTxT, big_neg)
   probs_BxNxTxT = drop_probs(jax.nn.softmax(logits_BxNxTxT.astype(jnp.float32), axis=-1))
-  out = jax.lax.dot_general(probs_BxNxTxT.astype(v_BxTxNxH.dtype).reshape(b * n, t, t),
+  out = jax.lax.dot_general(probs_BxNxTxT.astype(v_BxTxNxH.dtype).reshape(b * n, t, s),
                             fold(v_BxTxNxH), (((2,), (1,)), ((0,), (0,))))
   return out.reshape(b, n, t, h).transpose(0, 2, 1, 3)
 
@@ -150,7 +151,8 @@ class SelfAttention(nn.Module):
   index: int = 0  # the layer's index, for the hooks
 
   @nn.compact
-  def __call__(self, x_BxTxD, mask_BxT, deterministic: bool, dropout_rng=None):
+  def __call__(self, x_BxTxD, mask_BxT, deterministic: bool, dropout_rng=None, prefix_kv=None):
+    """`prefix_kv` [2, P, N, H]: keys and values every query attends to before its own."""
     cfg = self.config
     head_dim = cfg.hidden_size // cfg.num_heads
     project = lambda site, x, y: hooked(self.adapter, self.index, site, self.dtype, x, y,
@@ -160,6 +162,8 @@ class SelfAttention(nn.Module):
     q_BxTxNxH = dense('query')
     k_BxTxNxH = dense('key')
     v_BxTxNxH = dense('value')
+    if prefix_kv is not None:
+      k_BxTxNxH, v_BxTxNxH, mask_BxT = with_prefix(prefix_kv, k_BxTxNxH, v_BxTxNxH, mask_BxT)
     if not deterministic and cfg.attention_dropout > 0:
       drop = Dropout(cfg.attention_dropout)
       out_BxTxNxH = folded_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, mask_BxT,
@@ -220,8 +224,9 @@ class TransformerLayer(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x_BxTxD, mask_BxT, deterministic: bool, dropout_rng=None):
-    """`dropout_rng`: this layer's key; its three dropout masks fold in 0, 1, 2."""
+  def __call__(self, x_BxTxD, mask_BxT, deterministic: bool, dropout_rng=None, prefix_kv=None):
+    """`dropout_rng`: this layer's key; its three dropout masks fold in 0, 1, 2.
+    `prefix_kv`: this layer's attention key/value prefixes (prefix tuning), or None."""
     cfg = self.config
     key = lambda k: None if dropout_rng is None else jax.random.fold_in(dropout_rng, k)
     drop = lambda y, k: Dropout(cfg.hidden_dropout)(y, deterministic=deterministic, rng=key(k))
@@ -239,7 +244,7 @@ class TransformerLayer(nn.Module):
       return norm(residual_BxTxD + y_BxTxD)
 
     a_BxTxD = drop(SelfAttention(cfg, self.dtype, self.adapter, self.index, name='attention')(
-        x_BxTxD, mask_BxT, deterministic, key(0)), 1)
+        x_BxTxD, mask_BxT, deterministic, key(0), prefix_kv), 1)
     h_BxTxD = add_and_norm('attention', x_BxTxD, a_BxTxD)
 
     dense_hook = lambda x, y: project('intermediate_dense', x, y)
@@ -286,35 +291,50 @@ class Encoder(nn.Module):
     x_BxTxD = Embeddings(cfg, self.dtype, name='embeddings')(
         input_ids_BxT, token_type_ids_BxT, deterministic)
     layers_rng = None if deterministic else self.make_rng('dropout')
+    prefix_module = None if self.adapter is None else self.adapter.encoder_hook(cfg, self.dtype)
+    prefix_LxKxPxNxH = None if prefix_module is None else prefix_module()
     if self.scan and not self.is_initializing():
-      x_BxTxD = self._scanned_layers(x_BxTxD, mask_BxT, deterministic, layers_rng)
+      x_BxTxD = self._scanned_layers(x_BxTxD, mask_BxT, deterministic, layers_rng,
+                                     prefix_LxKxPxNxH)
     else:
       layer_cls = (nn.remat(TransformerLayer, static_argnums=(3,)) if self.remat
                    else TransformerLayer)
       for i in range(cfg.num_layers):
         x_BxTxD = layer_cls(cfg, self.adapter, i, self.dtype, name=f'layer_{i}')(
-            x_BxTxD, mask_BxT, deterministic, _layer_rng(layers_rng, i))
+            x_BxTxD, mask_BxT, deterministic, _layer_rng(layers_rng, i),
+            None if prefix_LxKxPxNxH is None else prefix_LxKxPxNxH[i])
     pooled_BxD = jnp.tanh(nn.Dense(cfg.hidden_size, dtype=self.dtype, name='pooler')(
         x_BxTxD[:, 0]))
     return {'last_hidden_state': x_BxTxD, 'pooled': pooled_BxD}
 
-  def _scanned_layers(self, x_BxTxD, mask_BxT, deterministic, layers_rng):
+  def _scanned_layers(self, x_BxTxD, mask_BxT, deterministic, layers_rng, prefix_kv=None):
     params = self.variables['params']
     layers = [params[f'layer_{i}'] for i in range(self.config.num_layers)]
     for first, last in _uniform_runs(layers):
       layer = TransformerLayer(self.config, self.adapter, first, self.dtype, parent=None)
 
-      def body(x, layer_params_and_index, layer=layer):
-        layer_params, i = layer_params_and_index
+      def body(x, per_layer, layer=layer):
+        layer_params, i, kv = per_layer
         return layer.apply({'params': layer_params}, x, mask_BxT, deterministic,
-                           _layer_rng(layers_rng, i)), None
+                           _layer_rng(layers_rng, i), kv), None
 
       if self.remat:
         body = jax.checkpoint(body)
       stacked = jax.tree.map(lambda *xs: jnp.stack(xs),
                              *[params[f'layer_{i}'] for i in range(first, last + 1)])
-      x_BxTxD, _ = jax.lax.scan(body, x_BxTxD, (stacked, jnp.arange(first, last + 1)))
+      kv = None if prefix_kv is None else prefix_kv[first:last + 1]
+      x_BxTxD, _ = jax.lax.scan(body, x_BxTxD, (stacked, jnp.arange(first, last + 1), kv))
     return x_BxTxD
+
+
+def with_prefix(prefix_kv, k_BxTxNxH, v_BxTxNxH, mask_BxT):
+  """Keys, values and key mask with the P prefix positions first (every query sees them)."""
+  b, p = k_BxTxNxH.shape[0], prefix_kv.shape[1]
+  batch = lambda y_PxNxH: jnp.broadcast_to(y_PxNxH.astype(k_BxTxNxH.dtype),
+                                           (b,) + y_PxNxH.shape)
+  return (jnp.concatenate([batch(prefix_kv[0]), k_BxTxNxH], axis=1),
+          jnp.concatenate([batch(prefix_kv[1]), v_BxTxNxH], axis=1),
+          jnp.concatenate([jnp.ones((b, p), bool), mask_BxT], axis=1))
 
 
 def _layer_rng(layers_rng, index):

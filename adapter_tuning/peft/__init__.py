@@ -17,8 +17,12 @@ runs) and knows nothing else about the method:
                     the four attention sites and layer_i/intermediate/ for
                     'intermediate_dense' (`site_scope`).
 
+Prefix tuning hooks the attention keys and values of every layer from one module the
+encoder runs once per call (`MethodConfig.encoder_hook`).
+
 Methods combine: several configs run as one `Combined` config, whose hook at a site runs
-each method's module in turn (bottleneck adapters and LoRA in one model, say).
+each method's module in turn (bottleneck adapters and LoRA in one model, say; MAM is prefix
+tuning plus a scaled parallel FFN adapter).
 
 Every parameter a method creates lives under a module whose name ends with the method's
 `param_marker` (bottleneck: 'layer_3/ffn_adapter/...'). The `adapters` trainable preset,
@@ -62,6 +66,32 @@ def normalize_sites(config, key: str, known: dict, hint: str = ''):
                      f'{",".join(known)}{hint}')
 
 
+class MethodConfig:
+  """What every method config answers, with the answers of a method that hooks nothing;
+  each method's frozen dataclass subclasses it and overrides what it uses."""
+
+  def sites(self, layer: int) -> tuple[str, ...]:
+    return ()
+
+  def hook(self, layer: int, site: str, dtype):
+    """The module to run at (layer, site), or None."""
+    return None
+
+  def init_layer(self, layer_params: dict, layer: int):
+    """Draws this layer's params of the method in place."""
+
+  def encoder_hook(self, model_config, dtype):
+    """A module the encoder runs once per call, giving each layer's attention key/value
+    prefixes [num_layers, 2, P, heads, head_dim] (prefix tuning), or None."""
+    return None
+
+  def init_encoder(self, encoder_params: dict):
+    """Draws the params of `encoder_hook`'s module in place."""
+
+  def check(self, model_config):
+    """A one-line UsageError when the method does not fit the encoder."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Method:
   """One PEFT method, as the rest of the code sees it.
@@ -80,15 +110,16 @@ class Method:
   from_meta: Callable  # an artifact's recorded config (dict or None) -> config or None
   union: Callable  # [configs] -> one config whose modules hold each of them (serving)
   merge: Callable | None = None  # (encoder params, config, num_layers) -> plain encoder params
+  serves_alone: bool = False  # no parameter value means "absent": one artifact per pass
 
 
 def methods() -> tuple[Method, ...]:
-  from adapter_tuning.peft import bottleneck, ia3, lora  # lazy: they import the layers
-  return (bottleneck.METHOD, lora.METHOD, ia3.METHOD)
+  from adapter_tuning.peft import bottleneck, ia3, lora, prefix  # lazy: they import layers
+  return (bottleneck.METHOD, lora.METHOD, ia3.METHOD, prefix.METHOD)
 
 
 @dataclasses.dataclass(frozen=True)
-class Combined:
+class Combined(MethodConfig):
   """Several methods in one model: at each site their modules run one after another."""
 
   configs: tuple
@@ -119,6 +150,14 @@ class Combined:
   def init_layer(self, layer_params: dict, layer: int):
     for c in self.configs:
       c.init_layer(layer_params, layer)
+
+  def encoder_hook(self, model_config, dtype):
+    modules = [m for m in (c.encoder_hook(model_config, dtype) for c in self.configs) if m]
+    return modules[0] if modules else None  # at most one prefix method per model
+
+  def init_encoder(self, encoder_params: dict):
+    for c in self.configs:
+      c.init_encoder(encoder_params)
 
   def check(self, model_config):
     for c in self.configs:
@@ -201,6 +240,12 @@ def config_from_meta(meta: dict):
 def union(configs: list):
   """One config whose modules hold every given config's, for serving them in one pass:
   per method, that method's union of the configs that use it."""
+  alone = sorted({method_of(p).name for c in configs for p in parts(c)
+                  if method_of(p).serves_alone})
+  if alone and len(configs) > 1:
+    from adapter_tuning.errors import UsageError
+    raise UsageError(f'{", ".join(alone)} adapters are served one at a time (their parameters '
+                     'have no value that leaves the base unchanged); pass such an adapter alone')
   by_method: dict[str, list] = {}
   for config in configs:
     for part in parts(config):

@@ -17,7 +17,7 @@ import numpy as np
 
 from adapter_tuning.errors import UsageError
 from adapter_tuning.models.activations import ACTIVATIONS
-from adapter_tuning.peft import Method
+from adapter_tuning.peft import Method, MethodConfig
 
 PLACEMENTS = ('houlsby', 'pfeiffer', 'parallel', 'parallel_ffn', 'none')
 SITES = ('attention', 'ffn')  # the sub-layer sites of peft.SUBLAYER_SITES it can hook
@@ -25,7 +25,7 @@ PARAM_MARKER = '_adapter'
 
 
 @dataclasses.dataclass(frozen=True)
-class AdapterConfig:
+class AdapterConfig(MethodConfig):
   """Where adapters go and what they look like.
 
   Attributes:

@@ -19,7 +19,7 @@ import flax.traverse_util as tu
 import numpy as np
 
 from adapter_tuning.errors import UsageError
-from adapter_tuning.peft import Method, normalize_sites, site_scope
+from adapter_tuning.peft import Method, MethodConfig, normalize_sites, site_scope
 
 TARGET_SITES = {'key': 'key', 'value': 'value', 'intermediate': 'intermediate_dense',
                 'output': 'output'}
@@ -31,7 +31,7 @@ _SCOPE = {'key': ('attention',), 'value': ('attention',), 'intermediate_dense': 
 
 
 @dataclasses.dataclass(frozen=True)
-class IA3Config:
+class IA3Config(MethodConfig):
   targets: tuple[str, ...] = ('key', 'value', 'intermediate')
   layers: Optional[tuple[int, ...]] = None
   seed: int = 0

@@ -24,7 +24,7 @@ import numpy as np
 
 from adapter_tuning.errors import UsageError
 from adapter_tuning.models.encoder import Dropout
-from adapter_tuning.peft import Method, normalize_sites, site_scope
+from adapter_tuning.peft import Method, MethodConfig, normalize_sites, site_scope
 
 TARGET_SITES = {'query': 'query', 'key': 'key', 'value': 'value',
                 'attention_output': 'attention_out', 'intermediate': 'intermediate_dense',
@@ -33,7 +33,7 @@ PARAM_MARKER = '_lora'
 
 
 @dataclasses.dataclass(frozen=True)
-class LoRAConfig:
+class LoRAConfig(MethodConfig):
   """rank r, alpha (the update is scaled by alpha / r), targets, optional layers."""
 
   rank: int = 8

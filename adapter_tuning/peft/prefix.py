@@ -1,0 +1,115 @@
+"""Prefix tuning (Li & Liang 2021, arXiv 2101.00190): learned keys and values that every
+token attends to, in every layer, before its own.
+
+A PEFT method on the seam of `adapter_tuning.peft` (`METHOD`) through the encoder-level
+hook: one module, 'kv_prefix', maps P learned embeddings through the reparametrisation
+MLP of AdapterHub's `PrefixTuningConfig` (Linear(d, bottleneck) -> tanh -> Linear(bottleneck,
+layers x 2 x d)) to each layer's P key and P value vectors, which the attention prepends to
+its own (padding masks and position ids of the real tokens are unchanged). The MLP is the
+training parametrisation; `prefixes` evaluates it once, which is all that serving needs.
+Init as AdapterHub's: embeddings N(0, 1), each Linear as torch's default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+from adapter_tuning.errors import UsageError
+from adapter_tuning.peft import Method, MethodConfig
+
+PARAM_MARKER = '_prefix'
+MODULE = f'kv{PARAM_MARKER}'
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefixConfig(MethodConfig):
+  length: int = 30  # P prefix positions per layer
+  bottleneck: int = 512  # width of the reparametrisation MLP
+  seed: int = 0
+
+  def __post_init__(self):
+    if not isinstance(self.length, int) or self.length <= 0:
+      raise UsageError(f'model.prefix.length must be a positive integer (0 = off), got '
+                       f'{self.length!r}')
+    if not isinstance(self.bottleneck, int) or self.bottleneck <= 0:
+      raise UsageError(f'model.prefix.bottleneck must be a positive integer, got '
+                       f'{self.bottleneck!r}')
+
+  def encoder_hook(self, model_config, dtype):
+    return PrefixMLP(self.length, self.bottleneck, model_config.num_layers,
+                     model_config.num_heads, model_config.hidden_size // model_config.num_heads,
+                     dtype=dtype, name=MODULE)
+
+  def init_encoder(self, encoder_params: dict):
+    """Embeddings N(0, 1); Linear weights and biases U(+-1/sqrt(fan_in)) (torch's default)."""
+    module = encoder_params[MODULE]
+    rng = np.random.default_rng((self.seed, 20_000))
+    module['wte'][...] = rng.standard_normal(module['wte'].shape)
+    for name in ('down', 'up'):
+      bound = 1.0 / np.sqrt(module[name]['kernel'].shape[0])
+      for leaf in ('kernel', 'bias'):
+        module[name][leaf][...] = rng.uniform(-bound, bound, module[name][leaf].shape)
+
+  def check(self, model_config):
+    if self.length >= model_config.max_positions:
+      raise UsageError(f'model.prefix.length={self.length} is not below the model\'s '
+                       f'{model_config.max_positions} positions; use a shorter prefix')
+
+
+class PrefixMLP(nn.Module):
+  """() -> key/value prefixes [layers, 2, P, heads, head_dim] (index 0 keys, 1 values)."""
+
+  length: int
+  bottleneck: int
+  num_layers: int
+  num_heads: int
+  head_dim: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self):
+    d = self.num_heads * self.head_dim
+    zeros = nn.initializers.zeros  # shapes only: the draw is PrefixConfig.init_encoder's
+    wte = self.param('wte', zeros, (self.length, d))
+    h = jnp.tanh(nn.Dense(self.bottleneck, kernel_init=zeros, dtype=self.dtype,
+                          name='down')(wte))
+    kv = nn.Dense(self.num_layers * 2 * d, kernel_init=zeros, dtype=self.dtype, name='up')(h)
+    kv = kv.reshape(self.length, self.num_layers * 2, self.num_heads, self.head_dim)
+    return kv.transpose(1, 0, 2, 3).reshape(self.num_layers, 2, self.length, self.num_heads,
+                                            self.head_dim)
+
+
+def param_count(config: PrefixConfig, hidden: int, num_layers: int) -> int:
+  """P d (embeddings) + d b + b (first Linear) + b 2 L d + 2 L d (second Linear)."""
+  p, b = config.length, config.bottleneck
+  return p * hidden + hidden * b + b + b * 2 * num_layers * hidden + 2 * num_layers * hidden
+
+
+def from_run_config(config) -> PrefixConfig | None:
+  c = config.model.prefix
+  if c.length == 0:
+    return None
+  return PrefixConfig(length=c.length, bottleneck=c.bottleneck, seed=config.seed)
+
+
+def from_meta(fields) -> PrefixConfig | None:
+  if fields is None or isinstance(fields, PrefixConfig):
+    return fields
+  fields = dict(fields.to_dict() if hasattr(fields, 'to_dict') else fields)
+  unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(PrefixConfig)})
+  if unknown:
+    raise UsageError(f'unknown prefix-tuning config keys {unknown}')
+  return PrefixConfig(**fields)
+
+
+def union(configs: list[PrefixConfig]) -> PrefixConfig:
+  return configs[0]  # served alone (METHOD.serves_alone): a prefix has no identity value
+
+
+METHOD = Method(name='prefix', config_class=PrefixConfig, param_marker=PARAM_MARKER,
+                from_run_config=from_run_config, from_meta=from_meta, union=union,
+                serves_alone=True)
