@@ -31,6 +31,18 @@ def _torch_hidden(model, ids, mask, types):
   return out.last_hidden_state.numpy()
 
 
+def _both_forwards(pre, params, ah_model, minilm_dir):
+  """(ours, AdapterHub's last hidden states, valid positions), after checking that the
+  method's weights move AdapterHub's output away from the base."""
+  ids, mask, types = _batch(pre)
+  ours = np.asarray(pre.model.apply({'params': params}, ids, mask, types)['last_hidden_state'])
+  theirs = _torch_hidden(ah_model, ids, mask, types)
+  valid = mask.astype(bool)
+  base = np.asarray(load_pretrained(minilm_dir).encode(TEXTS)['last_hidden_state'])
+  assert np.abs(theirs[valid] - base[valid]).max() > 1e-2  # the method's weights matter
+  return ours, theirs, valid
+
+
 def _lora_params(params):
   return {k: v for k, v in tu.flatten_dict(params).items() if any('_lora' in p for p in k)}
 
@@ -97,11 +109,7 @@ def test_forward_equals_adapterhub_lora(minilm_dir):
   assert copied == 6 * 5 * 2
   params = tu.unflatten_dict(flat)
   ids, mask, types = _batch(pre)
-  ours = np.asarray(pre.model.apply({'params': params}, ids, mask, types)['last_hidden_state'])
-  theirs = _torch_hidden(model, ids, mask, types)
-  valid = mask.astype(bool)
-  base = np.asarray(load_pretrained(minilm_dir).encode(TEXTS)['last_hidden_state'])
-  assert np.abs(theirs[valid] - base[valid]).max() > 1e-2  # the LoRA weights matter
+  ours, theirs, valid = _both_forwards(pre, params, model, minilm_dir)  # the LoRA weights matter
   diff = np.abs(ours[valid] - theirs[valid]).max()
   print(f'LoRA vs AdapterHub LoRA: max |difference| = {diff:.2e}')
   assert diff <= 1e-4
@@ -343,11 +351,7 @@ def test_prefix_tuning_equals_adapterhub_prefix_tuning(minilm_dir):
             v.T if leaf == 'weight' else v).astype(np.float32)
   params = tu.unflatten_dict(flat)
   ids, mask, types = _batch(pre)
-  ours = np.asarray(pre.model.apply({'params': params}, ids, mask, types)['last_hidden_state'])
-  theirs = _torch_hidden(model, ids, mask, types)
-  valid = mask.astype(bool)
-  base = np.asarray(load_pretrained(minilm_dir).encode(TEXTS)['last_hidden_state'])
-  assert np.abs(theirs[valid] - base[valid]).max() > 1e-2
+  ours, theirs, valid = _both_forwards(pre, params, model, minilm_dir)
   diff = np.abs(ours[valid] - theirs[valid]).max()
   print(f'prefix tuning + scaled parallel FFN adapter (MAM) vs AdapterHub: {diff:.2e}')
   assert diff <= 1e-4

@@ -92,6 +92,19 @@ class MethodConfig:
     """A one-line UsageError when the method does not fit the encoder."""
 
 
+def from_fields(config_class: type, fields, what: str):
+  """A method config from an artifact's recorded fields (dict / ConfigDict), or None."""
+  if fields is None or isinstance(fields, config_class):
+    return fields
+  fields = dict(fields.to_dict() if hasattr(fields, 'to_dict') else fields)
+  names = {f.name for f in dataclasses.fields(config_class)}
+  unknown = sorted(set(fields) - names)
+  if unknown:
+    from adapter_tuning.errors import UsageError
+    raise UsageError(f'unknown {what} config keys {unknown}; valid keys: {sorted(names)}')
+  return config_class(**fields)
+
+
 @dataclasses.dataclass(frozen=True)
 class Method:
   """One PEFT method, as the rest of the code sees it.

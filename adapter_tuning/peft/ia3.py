@@ -19,7 +19,7 @@ import flax.traverse_util as tu
 import numpy as np
 
 from adapter_tuning.errors import UsageError
-from adapter_tuning.peft import Method, MethodConfig, normalize_sites, site_scope
+from adapter_tuning.peft import Method, MethodConfig, from_fields, normalize_sites, site_scope
 
 TARGET_SITES = {'key': 'key', 'value': 'value', 'intermediate': 'intermediate_dense',
                 'output': 'output'}
@@ -87,13 +87,7 @@ def from_run_config(config) -> IA3Config | None:
 
 
 def from_meta(fields) -> IA3Config | None:
-  if fields is None or isinstance(fields, IA3Config):
-    return fields
-  fields = dict(fields.to_dict() if hasattr(fields, 'to_dict') else fields)
-  unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(IA3Config)})
-  if unknown:
-    raise UsageError(f'unknown IA³ config keys {unknown}')
-  return IA3Config(**fields)
+  return from_fields(IA3Config, fields, 'IA³')
 
 
 def union(configs: list[IA3Config]) -> IA3Config:

@@ -24,7 +24,7 @@ import numpy as np
 
 from adapter_tuning.errors import UsageError
 from adapter_tuning.models.encoder import Dropout
-from adapter_tuning.peft import Method, MethodConfig, normalize_sites, site_scope
+from adapter_tuning.peft import Method, MethodConfig, from_fields, normalize_sites, site_scope
 
 TARGET_SITES = {'query': 'query', 'key': 'key', 'value': 'value',
                 'attention_output': 'attention_out', 'intermediate': 'intermediate_dense',
@@ -138,14 +138,7 @@ def from_run_config(config) -> LoRAConfig | None:
 
 
 def from_meta(fields) -> LoRAConfig | None:
-  if fields is None or isinstance(fields, LoRAConfig):
-    return fields
-  fields = dict(fields.to_dict() if hasattr(fields, 'to_dict') else fields)
-  names = {f.name for f in dataclasses.fields(LoRAConfig)}
-  unknown = sorted(set(fields) - names)
-  if unknown:
-    raise UsageError(f'unknown LoRA config keys {unknown}; valid keys: {sorted(names)}')
-  return LoRAConfig(**fields)
+  return from_fields(LoRAConfig, fields, 'LoRA')
 
 
 def union(configs: list[LoRAConfig]) -> LoRAConfig:

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from adapter_tuning.errors import UsageError
-from adapter_tuning.peft import Method, MethodConfig
+from adapter_tuning.peft import Method, MethodConfig, from_fields
 
 PARAM_MARKER = '_prefix'
 MODULE = f'kv{PARAM_MARKER}'
@@ -97,13 +97,7 @@ def from_run_config(config) -> PrefixConfig | None:
 
 
 def from_meta(fields) -> PrefixConfig | None:
-  if fields is None or isinstance(fields, PrefixConfig):
-    return fields
-  fields = dict(fields.to_dict() if hasattr(fields, 'to_dict') else fields)
-  unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(PrefixConfig)})
-  if unknown:
-    raise UsageError(f'unknown prefix-tuning config keys {unknown}')
-  return PrefixConfig(**fields)
+  return from_fields(PrefixConfig, fields, 'prefix-tuning')
 
 
 def union(configs: list[PrefixConfig]) -> PrefixConfig:
