@@ -184,10 +184,15 @@ def plot_tradeoff(best: list[dict], path: pathlib.Path, metric: str, select: str
             'full': ('*', '', 'black', 'Full fine-tuning'),
             'head': ('D', '', 'tab:green', 'Head only'),
             'custom': ('x', '', 'tab:purple', 'Custom rules')}
+  others = iter([('^', 'tab:red'), ('v', 'tab:purple'), ('P', 'tab:brown'), ('X', 'tab:pink'),
+                 ('h', 'tab:olive'), ('p', 'tab:cyan'), ('<', 'tab:gray'), ('>', 'tab:blue')])
   fig, ax = plt.subplots(figsize=(7, 4.5))
   for family, points in series.items():
     points.sort(key=lambda b: b['pct_of_base'])
-    marker, line, color, label = styles.get(family, ('^', '', 'tab:gray', family))
+    if family not in styles:  # PEFT methods and anything else: a marker and colour each
+      marker, color = next(others, ('^', 'tab:gray'))
+      styles[family] = (marker, '', color, family)
+    marker, line, color, label = styles[family]
     xs = [b['pct_of_base'] for b in points]
     ys = [b['mean'] for b in points]
     errs = [b['std'] for b in points]
