@@ -1,13 +1,15 @@
 """Parameter-efficient methods: one module per method, all through one seam.
 
-A method's config object (`bottleneck.AdapterConfig` today) is what the encoder is given
+A method's config object (`bottleneck.AdapterConfig`, `lora.LoRAConfig`, `ia3.IA3Config`,
+`prefix.PrefixConfig`, or a `Combined` of several) is what the encoder is given
 (`Encoder.adapter`, `load_pretrained(adapter=...)`). At each site of each transformer layer
 the encoder asks it `hook(layer, site, dtype)` for a Flax module to run there (None: nothing
 runs) and knows nothing else about the method:
 
   sub-layer sites   'attention', 'ffn': the module is called as hook(y, residual, norm) and
                     returns y'; the layer then computes norm(residual + y') (post-LN BERT).
-                    Bottleneck adapters (Houlsby: both; Pfeiffer: 'ffn') hook here.
+                    Bottleneck adapters (Houlsby and parallel: both; Pfeiffer and
+                    parallel_ffn: 'ffn') hook here.
   projection sites  'query', 'key', 'value', 'attention_out' (attention), 'intermediate_dense'
                     (the FFN's first projection x W + b, before its activation),
                     'intermediate' (after the activation), 'output' (FFN): called as
@@ -109,11 +111,10 @@ def from_fields(config_class: type, fields, what: str):
 class Method:
   """One PEFT method, as the rest of the code sees it.
 
-  Its config class (a frozen, hashable dataclass: it is a Flax module attribute) implements
-  `hook(layer, site, dtype) -> nn.Module | None`, `sites(layer) -> tuple[str, ...]`,
-  `init_layer(layer_params, layer)` (draws its params in place) and `check(model_config)`
-  (a one-line UsageError when it does not fit the encoder, before anything loads), and has
-  a `seed` field (the run's seed: its init draws from it).
+  Its config class is a frozen, hashable dataclass (it is a Flax module attribute) that
+  subclasses `MethodConfig` and overrides what the method uses (`hook` and `sites` for layer
+  sites, `encoder_hook` for prefixes, their initialisers, `check`), and has a `seed` field
+  (the run's seed: its init draws from it).
   """
 
   name: str
