@@ -23,75 +23,16 @@ ADAPTER_SIZES = (8, 64, 256)
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
+  c.model = _model_keys()
 
-  c.model = ml_collections.ConfigDict()
-  c.model.checkpoint = 'bert-base-uncased'  # HF checkpoint directory or hub name (needs network)
-  c.model.dtype = 'float32'                 # compute dtype: float32 | bfloat16 (params stay fp32)
-  c.model.remat = False                     # rematerialise layers in backward (saves activation memory)
-  c.model.scan_layers = False               # lax.scan over identical layers (modeling.Encoder.scan):
-                                            # compiles slower; faster steps on BERT-base (BENCHMARKS.md)
-  c.model.adapter = ml_collections.ConfigDict()
-  c.model.adapter.size = 64                 # bottleneck width m (paper: 8, 64, 256)
-  c.model.adapter.placement = 'houlsby'     # houlsby (2 per layer) | pfeiffer (FFN only) | parallel
-                                            # (both, reading the sub-layer input) | parallel_ffn | none
-  c.model.adapter.scaling = 1.0             # factor on the adapter output (scaled parallel: 4.0)
-  c.model.adapter.init_scale = 1e-3         # truncated-normal std of adapter weights; 0 = exact identity
-  c.model.adapter.activation = 'gelu'       # gelu (exact) | gelu_tanh | relu | swish | tanh
-  c.model.adapter.layers = ml_collections.FieldReference(None, field_type=tuple)  # layer indices with adapters; None or () = all
-  c.model.adapter.original_ln_before = False  # adapter reads LN(x + h), LN again after (AdapterHub SeqBnConfig default)
-
-  c.model.lora = ml_collections.ConfigDict()  # LoRA (peft/lora.py); combines with adapters
-  c.model.lora.rank = 0                     # rank r of each update; 0 = LoRA off
-  c.model.lora.alpha = 8.0                  # the update is scaled by alpha / rank
-  c.model.lora.dropout = 0.0                # dropout on the LoRA input
-  c.model.lora.targets = 'query,value'      # comma-separated: query,key,value,attention_output,
-                                            # intermediate,output
-
-  c.model.ia3 = ml_collections.ConfigDict()  # IA³ (peft/ia3.py); combines with the others
-  c.model.ia3.targets = ''                  # '' = off; key,value,intermediate (the paper's), output
-
-  c.model.prefix = ml_collections.ConfigDict()  # prefix tuning (peft/prefix.py)
-  c.model.prefix.length = 0                 # P key/value prefix positions per layer; 0 = off
-  c.model.prefix.bottleneck = 512           # width of the reparametrisation MLP
-
-  c.model.head = ml_collections.ConfigDict()
-  c.model.head.pooling = 'pooler'           # sentence vector of classification/regression heads:
-                                            # pooler (tanh over [CLS], the paper) | cls ([CLS]
-                                            # state) | mean (over tokens; sentence-transformers)
-  c.model.head.standardize_targets = True   # regression: learn (y - mean) / std of the train
-                                            # split, folded back into the head for eval/artifact
-
-  # What trains (training/trainable.py): adapters (adapters + all layer norms + head, the paper) | peft (adapters + head,
+  # What trains (training/trainable.py): adapters (adapters + all layer norms + head, the
+  # paper) | peft (adapters + head,
   # LayerNorms frozen: AdapterHub's and peft's recipe) | bitfit (every bias + head) | full | head | top:K,
   # or (regex over '/'-joined param paths, 'train' | 'freeze') rules, first match wins: a tuple
   # in a config file, 'REGEX=train;REGEX=freeze;...' on the command line.
   c.trainable = ml_collections.FieldReference('adapters', field_type=object)
 
-  c.data = ml_collections.ConfigDict()
-  c.data.task = 'glue/sst2'          # glue/<name> | squad | text (generic classification) | demo
-  c.data.source = 'tfds'             # tfds | glue_dir | squad_json | files | generated (demo)
-  c.data.data_dir = ''               # glue_dir: GLUE-layout TSV folder; tfds: TFDS data_dir ('' = default)
-  c.data.train_file = ''             # squad_json / files: training file
-  c.data.eval_file = ''              # squad_json / files: evaluation file
-  c.data.tfds_name = ''              # task=text from TFDS: dataset name, e.g. imdb_reviews
-  c.data.name = ''                   # task=text: the name adapters are known by ('' = TFDS name or data folder)
-  c.data.text_key = 'text'           # task=text: column / feature with the text
-  c.data.text_pair_key = ''          # task=text: optional second text column ('' = none)
-  c.data.label_key = 'label'         # task=text: label column / feature
-  c.data.max_seq_length = 128        # tokens per example after truncation (special tokens included)
-  c.data.max_train_examples = 0      # use only the first N training examples (0 = all)
-  c.data.max_eval_examples = 0       # use only the first N examples of each eval split (0 = all)
-  c.data.num_buckets = 4             # static sequence-length buckets (fewer shapes = fewer compiles)
-  c.data.min_bucket_length = 0       # shortest bucket; 0 = buckets double up to max_seq_length
-  c.data.fit_buckets = True          # pick the num_buckets lengths from the data (least padding);
-                                     # false = geometric up to max_seq_length (min_bucket_length)
-  c.data.bucket_shape_cost = 8192    # fit_buckets: padded token positions a further compiled shape
-                                     # must save (its compile time over the time of one padded
-                                     # position; ~8k on 2 CPU cores); 0 = always num_buckets
-  c.data.doc_stride = 128            # squad: stride between context windows
-  c.data.max_query_length = 64       # squad: question tokens kept
-  c.data.max_answer_length = 30      # squad: longest answer span considered at eval
-  c.data.holdout_articles = 0.0      # squad_json with train_file == eval_file: fraction of articles held out for eval
+  c.data = _data_keys()
 
   c.batch_size = 32                  # global batch (all devices, all processes)
   c.eval_batch_size = 64             # global eval batch
@@ -117,6 +58,77 @@ def get_config() -> ml_collections.ConfigDict:
                                      # at the first step (training/precompile.py); False = on first use
   c.progress_bar = True              # a progress bar on a terminal; plain log lines otherwise
   return c
+
+
+def _model_keys() -> ml_collections.ConfigDict:
+  """config.model: the base, its PEFT methods and the head."""
+  m = ml_collections.ConfigDict()
+  m.checkpoint = 'bert-base-uncased'  # HF checkpoint directory or hub name (needs network)
+  m.dtype = 'float32'                 # compute dtype: float32 | bfloat16 (params stay fp32)
+  m.remat = False                     # rematerialise layers in backward (saves activation memory)
+  m.scan_layers = False               # lax.scan over identical layers (modeling.Encoder.scan):
+                                      # compiles slower; faster steps on BERT-base (BENCHMARKS.md)
+  m.adapter = ml_collections.ConfigDict()
+  m.adapter.size = 64                 # bottleneck width m (paper: 8, 64, 256)
+  m.adapter.placement = 'houlsby'     # houlsby (2 per layer) | pfeiffer (FFN only) | parallel
+                                      # (both, reading the sub-layer input) | parallel_ffn | none
+  m.adapter.scaling = 1.0             # factor on the adapter output (scaled parallel: 4.0)
+  m.adapter.init_scale = 1e-3         # truncated-normal std of adapter weights; 0 = exact identity
+  m.adapter.activation = 'gelu'       # gelu (exact) | gelu_tanh | relu | swish | tanh
+  m.adapter.layers = ml_collections.FieldReference(None, field_type=tuple)  # layer indices with adapters; None or () = all
+  m.adapter.original_ln_before = False  # adapter reads LN(x + h), LN again after (AdapterHub SeqBnConfig default)
+
+  m.lora = ml_collections.ConfigDict()  # LoRA (peft/lora.py); combines with adapters
+  m.lora.rank = 0                     # rank r of each update; 0 = LoRA off
+  m.lora.alpha = 8.0                  # the update is scaled by alpha / rank
+  m.lora.dropout = 0.0                # dropout on the LoRA input
+  m.lora.targets = 'query,value'      # comma-separated: query,key,value,attention_output,
+                                      # intermediate,output
+
+  m.ia3 = ml_collections.ConfigDict()  # IA³ (peft/ia3.py); combines with the others
+  m.ia3.targets = ''                  # '' = off; key,value,intermediate (the paper's), output
+
+  m.prefix = ml_collections.ConfigDict()  # prefix tuning (peft/prefix.py)
+  m.prefix.length = 0                 # P key/value prefix positions per layer; 0 = off
+  m.prefix.bottleneck = 512           # width of the reparametrisation MLP
+
+  m.head = ml_collections.ConfigDict()
+  m.head.pooling = 'pooler'           # sentence vector of classification/regression heads:
+                                      # pooler (tanh over [CLS], the paper) | cls ([CLS]
+                                      # state) | mean (over tokens; sentence-transformers)
+  m.head.standardize_targets = True   # regression: learn (y - mean) / std of the train
+                                      # split, folded back into the head for eval/artifact
+  return m
+
+
+def _data_keys() -> ml_collections.ConfigDict:
+  """config.data: the task, where it is read from, and how it is batched."""
+  m = ml_collections.ConfigDict()
+  m.task = 'glue/sst2'          # glue/<name> | squad | text (generic classification) | demo
+  m.source = 'tfds'             # tfds | glue_dir | squad_json | files | generated (demo)
+  m.data_dir = ''               # glue_dir: GLUE-layout TSV folder; tfds: TFDS data_dir ('' = default)
+  m.train_file = ''             # squad_json / files: training file
+  m.eval_file = ''              # squad_json / files: evaluation file
+  m.tfds_name = ''              # task=text from TFDS: dataset name, e.g. imdb_reviews
+  m.name = ''                   # task=text: the name adapters are known by ('' = TFDS name or data folder)
+  m.text_key = 'text'           # task=text: column / feature with the text
+  m.text_pair_key = ''          # task=text: optional second text column ('' = none)
+  m.label_key = 'label'         # task=text: label column / feature
+  m.max_seq_length = 128        # tokens per example after truncation (special tokens included)
+  m.max_train_examples = 0      # use only the first N training examples (0 = all)
+  m.max_eval_examples = 0       # use only the first N examples of each eval split (0 = all)
+  m.num_buckets = 4             # static sequence-length buckets (fewer shapes = fewer compiles)
+  m.min_bucket_length = 0       # shortest bucket; 0 = buckets double up to max_seq_length
+  m.fit_buckets = True          # pick the num_buckets lengths from the data (least padding);
+                                # false = geometric up to max_seq_length (min_bucket_length)
+  m.bucket_shape_cost = 8192    # fit_buckets: padded token positions a further compiled shape
+                                # must save (its compile time over the time of one padded
+                                # position; ~8k on 2 CPU cores); 0 = always num_buckets
+  m.doc_stride = 128            # squad: stride between context windows
+  m.max_query_length = 64       # squad: question tokens kept
+  m.max_answer_length = 30      # squad: longest answer span considered at eval
+  m.holdout_articles = 0.0      # squad_json with train_file == eval_file: fraction of articles held out for eval
+  return m
 
 
 def sweep():
