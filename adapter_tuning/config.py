@@ -25,9 +25,9 @@ def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.model = _model_keys()
 
-  # What trains (training/trainable.py): adapters (adapters + all layer norms + head, the
-  # paper) | peft (adapters + head,
-  # LayerNorms frozen: AdapterHub's and peft's recipe) | bitfit (every bias + head) | full | head | top:K,
+  # What trains (training/trainable.py): adapters (PEFT params + all layer norms + head, the
+  # paper) | peft (PEFT params + head, LayerNorms frozen: AdapterHub's and peft's recipe) |
+  # bitfit (every bias + head) | full | head | top:K,
   # or (regex over '/'-joined param paths, 'train' | 'freeze') rules, first match wins: a tuple
   # in a config file, 'REGEX=train;REGEX=freeze;...' on the command line.
   c.trainable = ml_collections.FieldReference('adapters', field_type=object)
