@@ -6,7 +6,8 @@ hook: one module, 'kv_prefix', maps P learned embeddings through the reparametri
 MLP of AdapterHub's `PrefixTuningConfig` (Linear(d, bottleneck) -> tanh -> Linear(bottleneck,
 layers x 2 x d)) to each layer's P key and P value vectors, which the attention prepends to
 its own (padding masks and position ids of the real tokens are unchanged). The MLP is the
-training parametrisation; `prefixes` evaluates it once, which is all that serving needs.
+training parametrisation and is what the artifact stores; it runs once per forward call
+(not per layer or example), a small cost beside the encoder's.
 Init as AdapterHub's: embeddings N(0, 1), each Linear as torch's default.
 """
 
