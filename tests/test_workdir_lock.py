@@ -27,10 +27,11 @@ def test_second_run_on_a_busy_workdir_is_refused_and_the_first_is_untouched(tmp_
 
 
 def test_after_sigkill_a_new_run_takes_the_lock_at_once(tmp_path):
-  first = start_train(*ARGS, '--workdir', tmp_path)
+  short = (*ARGS, '--config.num_train_steps=60')  # the last flag wins: the rerun is short
+  first = start_train(*short, '--workdir', tmp_path)
   wait_for_step(tmp_path, 2, first)
   first.send_signal(signal.SIGKILL)
   first.wait(timeout=60)
-  rerun = run_train(*ARGS, '--workdir', tmp_path)
+  rerun = run_train(*short, '--workdir', tmp_path)
   assert rerun.returncode == 0, rerun.stderr[-2000:]
   assert 'in use' not in rerun.stderr
