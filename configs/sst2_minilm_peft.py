@@ -8,19 +8,13 @@ the method's parameters and the head; LayerNorms frozen) next to the paper's (`a
 LayerNorms train too), BitFit, the head alone and full fine-tuning.
 """
 
-from adapter_tuning import config as defaults
+from configs import sst2_minilm_tradeoff
 
 
 def get_config():
-  config = defaults.get_config()
-  config.data.task = 'glue/sst2'
-  config.model.checkpoint = '../shared/models/all-MiniLM-L6-v2'
-  config.data.source = 'glue_dir'
-  config.data.data_dir = '../shared/data/glue'
+  config = sst2_minilm_tradeoff.get_config()  # MiniLM and the GLUE TSVs from ../shared
   config.data.max_seq_length = 64
   config.num_train_steps = 300
-  config.log_every_steps = 50
-  config.progress_bar = False
   return config
 
 

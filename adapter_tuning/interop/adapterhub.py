@@ -1,5 +1,9 @@
 """Conversion between our adapter artifacts and AdapterHub's (`adapters` 1.3) on-disk format.
 
+One job in both directions (export and import share the key maps, activation names and
+checks below), hence longer than the house's ~450 lines; when the LoRA/IA³/prefix formats
+join it, each method's conversion should move to its own module beside this one.
+
 Pure functions on nested param dicts, torch-layout state dicts (numpy) and config dicts;
 files are read and written by `export.py`. What follows are facts about AdapterHub 1.3.0,
 checked against its source (`adapters/methods/modeling.py`, `methods/bottleneck.py`,
