@@ -215,7 +215,6 @@ def test_ia3_equals_adapterhub_ia3_and_merges(minilm_dir, minilm):
 def test_merged_checkpoint_loads_in_transformers_with_the_same_logits(minilm_dir, tmp_path):
   """LoRA + IA³ + trained LayerNorms and head, merged: transformers alone reproduces the
   artifact's logits; an artifact with bottleneck adapters is refused in one line."""
-  import dataclasses
   import transformers
   from adapter_tuning import export, peft
   from adapter_tuning.interop import artifact
