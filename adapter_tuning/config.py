@@ -90,7 +90,8 @@ def _model_keys() -> ml_collections.ConfigDict:
 
   m.prefix = ml_collections.ConfigDict()  # prefix tuning (peft/prefix.py)
   m.prefix.length = 0                 # P key/value prefix positions per layer; 0 = off
-  m.prefix.bottleneck = 512           # width of the reparametrisation MLP
+  m.prefix.bottleneck = 512           # width of the reparametrisation MLP; 0 = flat prefixes
+  m.prefix.keep_mlp = False           # the artifact keeps the MLP, not the prefixes it computes
 
   m.head = ml_collections.ConfigDict()
   m.head.pooling = 'pooler'           # sentence vector of classification/regression heads:

@@ -17,3 +17,10 @@ class RunFailure(RuntimeError):
   """The run failed at run time; the message says what was kept and how to go on."""
 
   exit_code = 1
+
+
+def listing(items, shown: int = 5) -> str:
+  """'a, b, c and 7 more': a long list of names cut to fit a one-line message."""
+  items = sorted(items)
+  more = f' and {len(items) - shown} more' if len(items) > shown else ''
+  return ', '.join(str(i) for i in items[:shown]) + more

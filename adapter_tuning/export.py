@@ -229,8 +229,7 @@ def import_adapterhub(ah_dir: pathlib.Path, base: str, out: pathlib.Path,
                       name: str | None = None, max_seq_length: int = 0,
                       overwrite: bool = False) -> str:
   """AdapterHub folder -> artifact on `base`; returns a one-line summary."""
-  import dataclasses
-
+  from adapter_tuning import peft
   from adapter_tuning.errors import UsageError
   from adapter_tuning.interop import adapterhub as ah
   from adapter_tuning.interop import artifact, hf_checkpoint
@@ -257,7 +256,8 @@ def import_adapterhub(ah_dir: pathlib.Path, base: str, out: pathlib.Path,
       'task': name or imported.origin.get('task') or imported.name, 'head': imported.head,
       'label_names': imported.label_names, 'num_outputs': imported.num_outputs,
       'pooling': imported.pooling,
-      'method': 'bottleneck', 'adapter': dataclasses.asdict(imported.adapter),
+      'peft': peft.to_meta(imported.method),
+      'adapter': peft.to_meta(imported.method).get('bottleneck'),  # as before methods combined
       'trainable_rules': imported.trainable_rules,
       'base': {**identity, 'path': str(base_dir)},
       'max_seq_length': max_seq_length,
@@ -267,9 +267,8 @@ def import_adapterhub(ah_dir: pathlib.Path, base: str, out: pathlib.Path,
   }
   out.parent.mkdir(parents=True, exist_ok=True)
   artifact.save(out, imported.params, meta)
-  a = imported.adapter
-  return (f'wrote artifact {out}: {a.placement} adapters (size {a.size}, {a.activation}) and a '
-          f'{imported.head} head from AdapterHub adapter {imported.name!r}')
+  return (f'wrote artifact {out}: {peft.describe(imported.method)} and a {imported.head} head '
+          f'from AdapterHub adapter {imported.name!r}')
 
 
 def _run():

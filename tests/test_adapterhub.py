@@ -329,7 +329,7 @@ def test_original_ln_before_artifact_round_trip(base, batch, tmp_path, capsys):
   out = tmp_path / 'ah'
   assert _cli('--adapter', art, '--format', 'adapterhub', '--output', out) == 0
   assert json.loads((out / 'adapter_config.json').read_text())['config']['original_ln_before']
-  assert 'LN(x + h + up(act(down(LN(x + h)))))' in (out / 'README.md').read_text()
+  assert 'LN(x + h + s up(act(down(LN(x + h)))))' in (out / 'README.md').read_text()
   ours, _ = _ours([art], batch)
   theirs = _torch_logits(_load_in_adapterhub(base, out)[0], batch)
   back = tmp_path / 'back'

@@ -2,10 +2,13 @@
 methods on MiniLM with non-zero weights, merge, and runs through the trainer and serving
 combined with bottleneck adapters."""
 
+import json
+
 import adapters
 import flax.traverse_util as tu
 import numpy as np
 import pytest
+import safetensors.numpy
 import torch
 
 from adapter_tuning.errors import UsageError
@@ -263,14 +266,19 @@ def test_merged_checkpoint_loads_in_transformers_with_the_same_logits(minilm_dir
   assert not (tmp_path / 'no').exists()
 
 
-def test_lora_and_ia3_run_resumes_after_sigkill_bit_identically(tmp_path):
+@pytest.mark.parametrize('methods', [
+    ('--config.model.adapter.placement=none', '--config.model.lora.rank=4',
+     '--config.model.lora.targets=query,value,output',
+     '--config.model.ia3.targets=key,value,intermediate'),
+    ('--config.model.adapter.placement=parallel_ffn', '--config.model.adapter.scaling=4.0',
+     '--config.model.prefix.length=4', '--config.model.prefix.bottleneck=16'),  # MAM
+], ids=['lora+ia3', 'prefix+parallel'])
+def test_peft_run_resumes_after_sigkill_bit_identically(tmp_path, methods):
   from helpers import run_train, start_train
   from test_reliability import _assert_same_run, _kill_when, _logged_step
   args = ('--config', 'configs/demo.py', '--config.num_train_steps=90',
           '--config.checkpoint_every_steps=6', '--config.log_every_steps=3',
-          '--config.data.max_train_examples=512', '--config.model.adapter.placement=none',
-          '--config.model.lora.rank=4', '--config.model.lora.targets=query,value,output',
-          '--config.model.ia3.targets=key,value,intermediate', '--config.trainable=peft')
+          '--config.data.max_train_examples=512', *methods, '--config.trainable=peft')
   clean = tmp_path / 'clean'
   result = run_train(*args, '--workdir', clean)
   assert result.returncode == 0, result.stderr[-2000:]
@@ -281,6 +289,13 @@ def test_lora_and_ia3_run_resumes_after_sigkill_bit_identically(tmp_path):
   final = run_train(*args, '--workdir', victim)
   assert final.returncode == 0 and 'resumed from the checkpoint at step' in final.stdout
   _assert_same_run(clean, victim)
+  meta = json.loads((clean / 'adapter' / 'config.json').read_text())
+  if 'prefix' in meta['peft']:  # the artifact holds the prefixes the MLP computed, no MLP
+    assert meta['peft']['prefix']['flat'] is True
+    weights = safetensors.numpy.load_file(clean / 'adapter' / 'weights.safetensors')
+    assert weights['encoder/kv_prefix/kv'].shape == (4, 2 * 2 * 64)  # P, layers x 2 x d
+    assert not any(k.startswith('encoder/kv_prefix/') and k != 'encoder/kv_prefix/kv'
+                   for k in weights)
 
 
 def test_lora_dropout_acts_in_training_only(minilm_dir):

@@ -1,35 +1,18 @@
 """Conversion between our adapter artifacts and AdapterHub's (`adapters` 1.3) on-disk format.
 
-One job in both directions (export and import share the key maps, activation names and
-checks below), hence longer than the house's ~450 lines; when the LoRA/IA³/prefix formats
-join it, each method's conversion should move to its own module beside this one.
+This module holds the folder-level side, both ways: adapter_config.json (one method's config,
+or a `ConfigUnion` of several, as `MAMConfig` is), the prediction head, the LayerNorms, the
+artifact meta. Each PEFT method's config and tensors convert in a module of its own beside
+it (`Converter`, `converters()`): bottleneck adapters (`adapterhub_bottleneck`), LoRA and
+IA³ (`adapterhub_lora`), prefix tuning (`adapterhub_prefix`). Pure functions on nested
+param dicts, torch-layout state dicts (numpy) and config dicts; files are read and written
+by `export.py`. Facts about AdapterHub 1.3.0, checked against its source
+(`heads/base.py`, `loading.py`, `configuration/adapter_config.py`):
 
-Pure functions on nested param dicts, torch-layout state dicts (numpy) and config dicts;
-files are read and written by `export.py`. What follows are facts about AdapterHub 1.3.0,
-checked against its source (`adapters/methods/modeling.py`, `methods/bottleneck.py`,
-`heads/base.py`, `loading.py`):
-
-* A bottleneck adapter is `adapter_down = Sequential(Linear(d, m), act)`, `adapter_up =
-  Linear(m, d)`, output `up * scaling + residual`. Around a BERT sub-layer with output h
-  and input x, `original_ln_before=False`, `residual_before_ln=True` make the residual h
-  and the adapter input h; `original_ln_after=True` then applies the base LayerNorm:
-  LN(x + h + up(act(down(h)))) -- exactly our placement (modeling.TransformerLayer).
-  `mh_adapter` is the adapter after attention, `output_adapter` the one after the FFN:
-  both = Houlsby (`DoubleSeqBnConfig`), output only = Pfeiffer (`SeqBnConfig`).
-* `SeqBnConfig`'s default `original_ln_before=True` (with `residual_before_ln=True`) keeps h
-  as the residual, feeds the adapter LN(x + h), and `original_ln_after` applies the same LN
-  again: LN(x + h + up(act(down(LN(x + h))))) -- our `AdapterConfig.original_ln_before`.
-  With `residual_before_ln=False` the residual would be LN(x + h) itself (refused); with
-  `original_ln_before=False` it does not matter (the residual is h either way). Artifacts
-  export with `original_ln_before` as they were trained (false unless set).
-* The bottleneck width is `int(d // reduction_factor)`; leave_out lists layers without
-  adapters; `non_linearity` goes through transformers' `get_activation` (lower-cased):
-  'gelu' is exact GELU, 'gelu_new' the tanh form, 'swish' = SiLU. A config without a
-  "version" key is read as legacy: 'gelu' then means 'gelu_new' (and 'gelu_orig' exact).
-* State dict keys (prefix 'bert' or 'roberta'): `{p}.encoder.layer.{i}.attention.output.
-  adapters.{name}.adapter_down.0.weight` ([m, d]), `...adapter_down.0.bias`,
-  `...adapter_up.weight` ([d, m]), `...adapter_up.bias`; `.output.adapters.` for the FFN
-  site; `...adapters.{name}.scaling` when scaling is 'learned' or 'channel'.
+* An adapter of several methods is one name whose config is `{"architecture": "union",
+  "configs": [...]}`; every method's tensors carry the same name in their keys
+  (`.adapters.{name}.`, `.loras.{name}.`, `.prefix_tunings.{name}.`). `ConfigUnion`
+  refuses two configs of one architecture (LoRA and IA³ are both 'lora').
 * Adapters never hold the base LayerNorms (no option places a new LN where ours is), so
   trained LayerNorms travel in an extra file, `layer_norms.safetensors`, keyed like the
   base model's own state dict, loaded with `model.base_model.load_state_dict(...,
@@ -44,23 +27,22 @@ checked against its source (`adapters/methods/modeling.py`, `methods/bottleneck.
 * Extra top-level keys in adapter_config.json are kept and ignored by the loader (that is
   where `save_adapter(meta_dict=...)` puts its entries); ours, "adapter_tuning", records the
   task, max_seq_length and base identity so that an import restores them.
-* `init_weights='houlsby'` is truncated normal (std 1e-2, +-2 std) for both projections
-  with zero biases, i.e. our init with init_scale=1e-2; it only matters for fresh adapters.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
+from typing import Callable
 
 import flax.traverse_util as tu
 import numpy as np
 
-from adapter_tuning.errors import UsageError
+from adapter_tuning import peft
+from adapter_tuning.errors import UsageError, listing
 from adapter_tuning.interop import hf_checkpoint
 from adapter_tuning.models.encoder import ModelConfig
 from adapter_tuning.models.families import families, family_named
-from adapter_tuning.peft.bottleneck import AdapterConfig
 
 ADAPTERHUB_VERSION = 'adapters.1.3.0'  # the library version these facts were checked on
 ADAPTER_CONFIG = 'adapter_config.json'
@@ -69,30 +51,39 @@ HEAD_CONFIG = 'head_config.json'
 HEAD_WEIGHTS = ('model_head.safetensors', 'pytorch_model_head.bin')
 LAYER_NORMS = 'layer_norms.safetensors'
 
-_SITES = {'attention': 'attention.output', 'ffn': 'output'}  # ours -> HF module path
-_PROJ = {'down': 'adapter_down.0', 'up': 'adapter_up'}
-_TO_AH_ACT = {'gelu': 'gelu', 'gelu_tanh': 'gelu_new', 'relu': 'relu', 'swish': 'swish',
-              'tanh': 'tanh'}
-_FROM_AH_ACT = {'gelu': 'gelu', 'gelu_python': 'gelu', 'gelu_new': 'gelu_tanh',
-                'gelu_pytorch_tanh': 'gelu_tanh', 'gelu_fast': 'gelu_tanh',
-                'gelu_python_tanh': 'gelu_tanh', 'relu': 'relu', 'swish': 'swish',
-                'silu': 'swish', 'tanh': 'tanh'}
-_LEGACY_ACT = {'gelu': 'gelu_new', 'gelu_orig': 'gelu'}  # configs saved without "version"
 
-# What a BnConfig holds, as `save_adapter` writes it; the keys we set are overridden.
-_BN_DEFAULTS = {
-    'adapter_residual_before_ln': False, 'cross_adapter': False, 'dropout': 0.0,
-    'factorized_phm_W': True, 'factorized_phm_rule': False,
-    'hypercomplex_nonlinearity': 'glorot-uniform', 'init_weights': 'houlsby',
-    'init_weights_seed': None, 'inv_adapter': None, 'inv_adapter_reduction_factor': None,
-    'is_parallel': False, 'learn_phm': True, 'leave_out': [], 'ln_after': False,
-    'ln_before': False, 'mh_adapter': True, 'non_linearity': 'gelu',
-    'original_ln_after': True, 'original_ln_before': False, 'output_adapter': True,
-    'phm_bias': True, 'phm_c_init': 'normal', 'phm_dim': 4, 'phm_init_range': 0.0001,
-    'phm_layer': False, 'phm_rank': 1, 'reduction_factor': 16, 'residual_before_ln': True,
-    'scaling': 1.0, 'shared_W_phm': False, 'shared_phm_rule': True, 'stochastic_depth': 0.0,
-    'use_gating': False,
-}
+@dataclasses.dataclass(frozen=True)
+class Converter:
+  """One PEFT method's side of the conversion (a module beside this one provides it)."""
+
+  config_class: type  # our method config it converts
+  reads: Callable  # one AdapterHub config dict -> whether it is this method's
+  owns_key: Callable  # (state-dict key, adapter name) -> whether the tensor is this method's
+  export: Callable  # (config, {'/'-path: array}, ModelConfig, name, key prefix) -> (AH config, state)
+  import_: Callable  # (AH config, state, ModelConfig, name, versioned) -> (config, {path: array})
+
+
+def converters() -> tuple[Converter, ...]:
+  from adapter_tuning.interop import adapterhub_bottleneck as bn  # lazy: they import peft
+  from adapter_tuning.interop import adapterhub_lora as lo
+  from adapter_tuning.interop import adapterhub_prefix as pt
+  from adapter_tuning.peft.bottleneck import AdapterConfig
+  from adapter_tuning.peft.ia3 import IA3Config
+  from adapter_tuning.peft.lora import LoRAConfig
+  from adapter_tuning.peft.prefix import PrefixConfig
+  return (Converter(AdapterConfig, bn.reads, bn.owns_key, bn.export, bn.import_),
+          Converter(LoRAConfig, lo.reads_lora, lo.owns_key, lo.export_lora, lo.import_lora),
+          Converter(IA3Config, lo.reads_ia3, lo.owns_key, lo.export_ia3, lo.import_ia3),
+          Converter(PrefixConfig, pt.reads, pt.owns_key, pt.export, pt.import_))
+
+
+def _converter_for(config) -> Converter:
+  for converter in converters():
+    if isinstance(config, converter.config_class):
+      return converter
+  raise UsageError(f'{peft.method_of(config).name} adapters have no AdapterHub equivalent; '
+                   'export bottleneck, LoRA, IA³ or prefix-tuning artifacts')
+
 
 README_TEXT = """\
 # AdapterHub export of an adapter_tuning artifact
@@ -104,8 +95,8 @@ Load onto the same base checkpoint with `adapters` (AdapterHub) 1.3:
     name = model.load_adapter(THIS_DIR)            # adapter + prediction head
     model.set_active_adapters(name)
 {ln_step}
-`adapter_config.json` asks for original_ln_before={ln_before}, residual_before_ln=True,
-original_ln_after=True: {formula} around each sub-layer, as trained.
+What `adapter_config.json` asks for, as trained:
+{notes}
 """
 
 LN_STEP = """\
@@ -134,7 +125,7 @@ class Imported:
   """An AdapterHub adapter as an artifact: trainable params plus the meta fields it fixes."""
 
   params: dict
-  adapter: AdapterConfig
+  method: object  # the PEFT config (one method's, or a peft.Combined)
   head: str
   label_names: list
   num_outputs: int
@@ -142,23 +133,6 @@ class Imported:
   name: str
   origin: dict  # what our own export recorded (task, max_seq_length, base); {} otherwise
   pooling: str = 'pooler'  # TaskModel.pooling the head reads: pooler or cls
-
-
-def _names(paths) -> str:
-  paths = sorted(paths)
-  more = f' and {len(paths) - 5} more' if len(paths) > 5 else ''
-  return ', '.join(paths[:5]) + more
-
-
-def reduction_factor(hidden: int, size: int):
-  """A reduction factor r with int(hidden // r) == size, as AdapterHub computes the width."""
-  if hidden % size == 0:
-    return hidden // size
-  r = hidden / size
-  for candidate in (r, np.nextafter(r, 0.0), np.nextafter(r, np.inf)):
-    if int(hidden // float(candidate)) == size:
-      return float(candidate)
-  raise UsageError(f'no AdapterHub reduction_factor gives width {size} for hidden size {hidden}')
 
 
 def _meta_rules(meta: dict) -> str:
@@ -173,8 +147,9 @@ def to_adapterhub(params: dict, meta: dict, config: ModelConfig, name: str,
                   base_name: str = '') -> AdapterHubFiles:
   """Artifact (meta, trainable params) -> AdapterHub files for `name`.
 
-  Raises UsageError naming the params AdapterHub cannot represent (anything other than
-  adapters, LayerNorms, the head, and the pooler under a classification head).
+  Raises UsageError naming what AdapterHub cannot represent (params other than the PEFT
+  methods', LayerNorms, the head, and the pooler under a classification head; a method or
+  a combination of methods it lacks).
   """
   family = family_named(config.family)
   if not family.adapterhub_model_class:
@@ -182,26 +157,48 @@ def to_adapterhub(params: dict, meta: dict, config: ModelConfig, name: str,
   if not re.fullmatch(r'[A-Za-z0-9_\-]+', name):
     raise UsageError(f'AdapterHub adapter name {name!r} must be letters, digits, _ or -; '
                      'pass --name')
-  adapter = AdapterConfig.from_any(meta.get('adapter'))
-  if adapter is None or adapter.placement == 'none':
-    raise UsageError('the artifact has no adapters (placement none): an AdapterHub adapter '
-                     'needs bottleneck modules; export a houlsby or pfeiffer artifact')
+  methods = peft.parts(peft.config_from_meta(meta))
+  if not methods:
+    raise UsageError('the artifact has no PEFT method (placement none, no LoRA, IA³ or '
+                     'prefix): an AdapterHub adapter needs one')
+  converters_ = [_converter_for(m) for m in methods]
   head = meta.get('head')
   if head not in ('classification', 'regression', 'span'):
     raise UsageError(f'head {head!r} has no AdapterHub equivalent')
-  prefix, d = config.family, config.hidden_size
   flat = {'/'.join(k): np.asarray(v, np.float32) for k, v in tu.flatten_dict(params).items()}
-  adapter_state, ln_params, head_params, pooler, rest = {}, {}, {}, {}, []
+  by_method, ln_params, head_params, pooler = _split_params(flat, methods, head, meta)
+  member_configs, state = [], {}
+  for method, converter, method_flat in zip(methods, converters_, by_method):
+    member, member_state = converter.export(method, method_flat, config, name,
+                                            family.key_prefixes[0])
+    member_configs.append(member)
+    state.update(member_state)
+  top = {'hidden_size': config.hidden_size, 'model_class': family.adapterhub_model_class,
+         'model_name': base_name, 'model_type': config.family, 'name': name,
+         'version': ADAPTERHUB_VERSION}
+  head_config, head_state = _head_to_adapterhub(head, meta, name, head_params, pooler,
+                                                meta.get('pooling', 'pooler'))
+  ln_state = (hf_checkpoint.export_encoder_state(tu.unflatten_dict(ln_params), config.family)
+              if ln_params else None)
+  # Top-level extra keys are how AdapterHub itself stores meta_dict; its loader ignores them.
+  origin = {'task': meta.get('task'), 'max_seq_length': meta.get('max_seq_length'),
+            'base': {k: (meta.get('base') or {}).get(k) for k in ('name', 'sha256')}}
+  return AdapterHubFiles(
+      adapter_config={**top, 'config': _union(member_configs), 'adapter_tuning': origin},
+      adapter_state=state, head_config={**top, 'config': head_config}, head_state=head_state,
+      layer_norm_state=ln_state)
+
+
+def _split_params(flat: dict, methods, head: str, meta: dict):
+  """({'/'-path: array} per method, LayerNorm params, head params, pooler params)."""
+  markers = [peft.method_of(m).param_marker for m in methods]
+  by_method = [{} for _ in methods]
+  ln_params, head_params, pooler, rest = {}, {}, {}, []
   for path, value in flat.items():
     parts = path.split('/')
-    m = re.fullmatch(r'encoder/layer_(\d+)/(attention|ffn)_adapter/(down|up)/(kernel|bias)', path)
-    if m:
-      layer, site, proj, leaf = int(m[1]), m[2], m[3], m[4]
-      if not adapter.has_adapter(layer, site):
-        raise UsageError(f'artifact weight {path} is outside its adapter config ({adapter})')
-      key = (f'{prefix}.encoder.layer.{layer}.{_SITES[site]}.adapters.{name}.{_PROJ[proj]}.'
-             f'{"weight" if leaf == "kernel" else "bias"}')
-      adapter_state[key] = value.T if leaf == 'kernel' else value
+    owner = [i for i, marker in enumerate(markers) if any(p.endswith(marker) for p in parts)]
+    if owner:
+      by_method[owner[0]][path] = value
     elif parts[0] == 'encoder' and parts[-2].endswith('layer_norm'):
       ln_params[tuple(parts[1:])] = value
     elif parts[0] == 'head':
@@ -211,51 +208,26 @@ def to_adapterhub(params: dict, meta: dict, config: ModelConfig, name: str,
     else:
       rest.append(path)
   if rest:
-    raise UsageError(f'the artifact trains params AdapterHub cannot represent: {_names(rest)}'
-                     f'{_meta_rules(meta)}; only adapters, LayerNorms, the head (and the pooler '
-                     'under a classification head) export')
+    raise UsageError(f'the artifact trains params AdapterHub cannot represent: {listing(rest)}'
+                     f'{_meta_rules(meta)}; only PEFT methods, LayerNorms, the head (and the '
+                     'pooler under a classification head) export')
   if set(head_params) != {'kernel', 'bias'}:
     raise UsageError('the artifact has no trained head (head/kernel, head/bias); AdapterHub '
                      'needs one to reproduce the logits')
   if pooler and set(pooler) != {'kernel', 'bias'}:
     raise UsageError('the artifact trains only part of the pooler; export needs both its '
                      'kernel and bias')
-  _fill_untrained_adapters(adapter_state, adapter, config, name)
-  leave_out = [i for i in range(config.num_layers) if not adapter.has_adapter(i, 'ffn')]
-  bn = dict(_BN_DEFAULTS, mh_adapter=adapter.has_adapter_anywhere('attention'),
-            output_adapter=True, is_parallel=adapter.parallel,
-            non_linearity=_TO_AH_ACT[adapter.activation], leave_out=leave_out,
-            reduction_factor=reduction_factor(d, adapter.size),
-            original_ln_before=adapter.original_ln_before,
-            original_ln_after=True, residual_before_ln=True, scaling=adapter.scaling)
-  top = {'hidden_size': d, 'model_class': family.adapterhub_model_class, 'model_name': base_name,
-         'model_type': prefix, 'name': name, 'version': ADAPTERHUB_VERSION}
-  head_config, head_state = _head_to_adapterhub(head, meta, name, head_params, pooler,
-                                                meta.get('pooling', 'pooler'))
-  ln_state = hf_checkpoint.export_encoder_state(tu.unflatten_dict(ln_params), config.family) if ln_params else None
-  # Top-level extra keys are how AdapterHub itself stores meta_dict; its loader ignores them.
-  origin = {'task': meta.get('task'), 'max_seq_length': meta.get('max_seq_length'),
-            'base': {k: (meta.get('base') or {}).get(k) for k in ('name', 'sha256')}}
-  return AdapterHubFiles(
-      adapter_config={**top, 'config': bn, 'adapter_tuning': origin}, adapter_state=adapter_state,
-      head_config={**top, 'config': head_config}, head_state=head_state,
-      layer_norm_state=ln_state)
+  return by_method, ln_params, head_params, pooler
 
 
-def _fill_untrained_adapters(adapter_state: dict, adapter, config: ModelConfig, name: str):
-  """Every adapter module AdapterHub will create must get weights: adapters the artifact
-  did not train are zero, as our own serving treats them (serving/multi_adapter.py)."""
-  size, d = adapter.size, config.hidden_size
-  for layer in range(config.num_layers):
-    for site in adapter.sites(layer):
-      base = f'{config.family}.encoder.layer.{layer}.{_SITES[site]}.adapters.{name}.'
-      shapes = {'adapter_down.0.weight': (size, d), 'adapter_down.0.bias': (size,),
-                'adapter_up.weight': (d, size), 'adapter_up.bias': (d,)}
-      for key, shape in shapes.items():
-        value = adapter_state.setdefault(base + key, np.zeros(shape, np.float32))
-        if value.shape != shape:
-          raise UsageError(f'artifact tensor for {base + key} has shape {value.shape}, but '
-                           f'its adapter config implies {shape}')
+def _union(members: list[dict]) -> dict:
+  """One method's config, or AdapterHub's ConfigUnion of several (one per architecture)."""
+  architectures = [m['architecture'] if 'architecture' in m else 'bottleneck' for m in members]
+  twice = sorted({a for a in architectures if architectures.count(a) > 1})
+  if twice:
+    raise UsageError(f'AdapterHub cannot hold two {twice[0]!r} methods in one adapter (LoRA '
+                     'and IA³ are both its "lora" architecture); train them as two artifacts')
+  return members[0] if len(members) == 1 else {'architecture': 'union', 'configs': members}
 
 
 def _head_to_adapterhub(head, meta, name, head_params, pooler, pooling):
@@ -286,64 +258,60 @@ def _head_to_adapterhub(head, meta, name, head_params, pooler, pooling):
                   f'heads.{name}.4.weight': kernel.T, f'heads.{name}.4.bias': bias}
 
 
+def _members(adapter_config: dict) -> list[dict]:
+  """The method configs of an adapter_config.json: its one config, or a union's members."""
+  config = adapter_config.get('config')
+  if isinstance(config, str):
+    raise UsageError(f'adapter_config.json names its config {config!r} instead of spelling it '
+                     'out; re-save the adapter with adapters>=1.0 (model.save_adapter)')
+  if not isinstance(config, dict):
+    raise UsageError('adapter_config.json has no "config" object; is it an AdapterHub adapter?')
+  if config.get('architecture') != 'union':
+    return [config]
+  members = config.get('configs')
+  if not isinstance(members, list) or not all(isinstance(m, dict) for m in members):
+    raise UsageError('adapter_config.json: a "union" config needs a "configs" list of objects')
+  return members
+
+
 def readme(files: AdapterHubFiles) -> str:
-  ln_before = bool(files.adapter_config['config'].get('original_ln_before'))
-  formula = ('LN(x + h + up(act(down(LN(x + h)))))' if ln_before
-             else 'LN(x + h + up(act(down(h))))')
+  notes = []
+  for member in _members(files.adapter_config):
+    arch = member.get('architecture') or 'bottleneck'
+    if arch == 'bottleneck':
+      before = bool(member.get('original_ln_before'))
+      formula = ('LN(x + h + s up(act(down(LN(x + h)))))' if before
+                 else 'LN(x + h + s up(act(down(h))))')
+      if member.get('is_parallel'):
+        formula = 'LN(x + h + s up(act(down(x))))'
+      notes.append(f'- bottleneck adapters: original_ln_before={str(before).lower()}, '
+                   f'residual_before_ln=True, original_ln_after=True, is_parallel='
+                   f'{str(bool(member.get("is_parallel"))).lower()}: {formula} around each '
+                   'sub-layer')
+    elif arch == 'lora':
+      notes.append(f'- {"IA³" if member.get("composition_mode") == "scale" else "LoRA"} '
+                   f'(r={member.get("r")}, alpha={member.get("alpha")}) on attention '
+                   f'{member.get("attn_matrices") if member.get("selfattn_lora") else []}, '
+                   f'intermediate={member.get("intermediate_lora")}, '
+                   f'output={member.get("output_lora")}')
+    else:
+      notes.append(f'- prefix tuning: {member.get("prefix_length")} key/value prefixes per '
+                   f'layer, {"stored flat" if member.get("flat") else "through its MLP"}')
   return README_TEXT.format(ln_step=LN_STEP if files.layer_norm_state else '',
-                            ln_before=str(ln_before).lower(), formula=formula)
+                            notes='\n'.join(notes))
 
 
 # ----------------------------------------------------------------------------- import
 
 
-def _bn_config(file_config: dict) -> dict:
-  bn = file_config.get('config')
-  if isinstance(bn, str):
-    raise UsageError(f'adapter_config.json names its config {bn!r} instead of spelling it out; '
-                     're-save the adapter with adapters>=1.0 (model.save_adapter)')
-  if not isinstance(bn, dict):
-    raise UsageError('adapter_config.json has no "config" object; is it an AdapterHub adapter?')
-  arch = bn.get('architecture')
-  if arch not in (None, 'bottleneck'):
-    raise UsageError(f'the AdapterHub adapter is {arch!r}, not a bottleneck adapter; only '
-                     'Houlsby (DoubleSeqBnConfig) and Pfeiffer (SeqBnConfig) adapters import')
-  bn = {**_BN_DEFAULTS, 'init_weights': 'bert', **bn}
-  act = str(bn.get('non_linearity') or '').lower()
-  if 'version' not in file_config:
-    act = _LEGACY_ACT.get(act, act)
-  bn['non_linearity'] = act
-  return bn
-
-
-def _check_bn(bn: dict) -> tuple[str, bool]:
-  """Refuses what our model cannot compute exactly; returns (placement, original_ln_before)."""
-  unsupported = {'phm_layer': False, 'use_gating': False,
-                 'ln_before': False, 'ln_after': False, 'inv_adapter': None,
-                 'original_ln_after': True}
-  bad = {k: bn.get(k) for k, want in unsupported.items() if bn.get(k) != want}
-  if bad:
-    raise UsageError(f'AdapterHub adapter options {bad} have no equivalent here; only '
-                     'sequential bottleneck adapters without own LayerNorms, gating, PHM or '
-                     'invertible adapters import')
-  mh, out = bool(bn.get('mh_adapter')), bool(bn.get('output_adapter'))
-  ln_before = bn.get('original_ln_before')
-  if ln_before not in (True, False):
-    raise UsageError(f'original_ln_before={ln_before!r} is not supported')
-  if bn.get('residual_before_ln') not in (True, False):
-    raise UsageError(f'residual_before_ln={bn.get("residual_before_ln")!r} is not supported')
-  if ln_before and bn.get('residual_before_ln') is not True:
-    raise UsageError(
-        'adapter has original_ln_before=True with residual_before_ln=False: its residual is '
-        'LayerNorm(x + h), which this project does not compute; only residual_before_ln=True '
-        '(the SeqBnConfig default) imports with original_ln_before=True')
-  if bn.get('is_parallel') and ln_before:
-    raise UsageError('a parallel adapter with original_ln_before=True has no equivalent here')
-  if out:
-    names = ('parallel', 'parallel_ffn') if bn.get('is_parallel') else ('houlsby', 'pfeiffer')
-    return names[0] if mh else names[1], ln_before
-  raise UsageError(f'adapter sites mh_adapter={mh}, output_adapter={out} have no placement '
-                   'here: houlsby = both, pfeiffer = output_adapter only')
+def _reader_for(member: dict) -> Converter:
+  for converter in converters():
+    if converter.reads(member):
+      return converter
+  raise UsageError(f'AdapterHub method {member.get("architecture")!r} '
+                   f'(composition_mode {member.get("composition_mode")!r}) has no equivalent '
+                   'here; bottleneck (Houlsby, Pfeiffer, parallel), LoRA, IA³, prefix tuning '
+                   'and their unions (MAM) import')
 
 
 def from_adapterhub(files: AdapterHubFiles, config: ModelConfig) -> Imported:
@@ -357,52 +325,22 @@ def from_adapterhub(files: AdapterHubFiles, config: ModelConfig) -> Imported:
     raise UsageError(f'the AdapterHub adapter was made for a {model_type} model with hidden size '
                      f'{cfg.get("hidden_size")}, but the base is {config.family} with hidden size '
                      f'{config.hidden_size}; pass the base it was trained on')
-  bn = _bn_config(cfg)
-  placement, ln_before = _check_bn(bn)
-  activation = _FROM_AH_ACT.get(bn['non_linearity'])
-  if activation is None:
-    raise UsageError(f'adapter non_linearity {bn["non_linearity"]!r} is not supported; '
-                     f'supported: {", ".join(sorted(_FROM_AH_ACT))}')
   name = cfg.get('name')
   if not name:
     raise UsageError('adapter_config.json has no adapter "name"')
-  modules = _parse_adapter_state(files.adapter_state, name, config)
-  scaling = bn.get('scaling', 1.0)
-  if not isinstance(scaling, (int, float)) and scaling not in ('learned', 'channel'):
-    raise UsageError(f'unknown adapter scaling {scaling!r}')
-  leave_out = {int(i) for i in bn.get('leave_out') or []}
-  sites = ('attention', 'ffn') if placement in ('houlsby', 'parallel') else ('ffn',)
-  expected = {(i, s) for i in range(config.num_layers) if i not in leave_out for s in sites}
-  if set(modules) != expected:
-    missing = sorted(expected - set(modules))
-    extra = sorted(set(modules) - expected)
-    raise UsageError(f'adapter weights do not match adapter_config.json: missing modules '
-                     f'{missing}, unexpected modules {extra} (layer, site)')
-  size = max(m['down_w'].shape[0] for m in modules.values())
-  d = config.hidden_size
-  flat = {}
-  for (layer, site), m in modules.items():
-    down_w, down_b, up_w, up_b = m['down_w'], m['down_b'], m['up_w'], m['up_b']
-    width = down_w.shape[0]
-    if down_w.shape != (width, d) or down_b.shape != (width,) or up_w.shape != (d, width) \
-        or up_b.shape != (d,):
-      raise UsageError(f'adapter tensors of layer {layer} ({site}) have shapes '
-                       f'{down_w.shape}, {down_b.shape}, {up_w.shape}, {up_b.shape}; expected '
-                       f'[m, {d}], [m], [{d}, m], [{d}]')
-    s = _scale(scaling, m.get('scaling'), layer, site, d)
-    up_w, up_b = up_w * s[:, None], up_b * s  # up(z) * s folds into the up projection
-    pad = size - width  # narrower layers: zero units contribute nothing
-    base = ('encoder', f'layer_{layer}', f'{site}_adapter')
-    flat[base + ('down', 'kernel')] = np.pad(down_w.T, ((0, 0), (0, pad)))
-    flat[base + ('down', 'bias')] = np.pad(down_b, (0, pad))
-    flat[base + ('up', 'kernel')] = np.pad(up_w.T, ((0, pad), (0, 0)))
-    flat[base + ('up', 'bias')] = up_b
-  layers = sorted({i for i, _ in modules})
-  adapter = AdapterConfig(size=size, placement=placement, activation=activation,
-                          init_scale=1e-2 if bn.get('init_weights') == 'houlsby' else 1e-3,
-                          layers=None if len(layers) == config.num_layers else tuple(layers),
-                          original_ln_before=ln_before)
-  rules = [['_adapter/', 'train']]
+  methods, flat, claimed = [], {}, set()
+  for member in _members(cfg):
+    converter = _reader_for(member)
+    state = {k: v for k, v in files.adapter_state.items() if converter.owns_key(k, name)}
+    claimed |= set(state)
+    method, method_flat = converter.import_(member, state, config, name, 'version' in cfg)
+    methods.append(method)
+    flat.update(method_flat)
+  unclaimed = set(files.adapter_state) - claimed
+  if unclaimed:
+    raise UsageError(f'AdapterHub weights this project cannot place (for adapter {name!r} on a '
+                     f'{config.num_layers}-layer {config.family}): {listing(unclaimed)}')
+  rules = [[re.escape(peft.method_of(m).param_marker) + '/', 'train'] for m in methods]
   if files.layer_norm_state:
     flat.update(_layer_norms_from_state(files.layer_norm_state, config))
     rules.append(['layer_norm/', 'train'])
@@ -412,42 +350,8 @@ def from_adapterhub(files: AdapterHubFiles, config: ModelConfig) -> Imported:
     rules.append(['^encoder/pooler/', 'train'])
   rules += [['^head/', 'train'], ['.*', 'freeze']]
   params = tu.unflatten_dict({k: np.ascontiguousarray(v, np.float32) for k, v in flat.items()})
-  return Imported(params, adapter, head, labels, num_outputs, rules, name,
+  return Imported(params, peft.combine(methods), head, labels, num_outputs, rules, name,
                   dict(cfg.get('adapter_tuning') or {}), pooling)
-
-
-def _scale(scaling, stored, layer, site, d) -> np.ndarray:
-  if isinstance(scaling, (int, float)) and not isinstance(scaling, bool):
-    return np.full((d,), float(scaling), np.float32)
-  if stored is None:
-    raise UsageError(f'scaling={scaling!r} but layer {layer} ({site}) has no scaling tensor')
-  stored = np.asarray(stored, np.float32).reshape(-1)
-  return np.broadcast_to(stored, (d,)).astype(np.float32)
-
-
-def _parse_adapter_state(state: dict, name: str, config: ModelConfig) -> dict:
-  pattern = re.compile(
-      rf'^(?:(?:bert|roberta)\.)?encoder\.layer\.(\d+)\.(attention\.output|output)\.adapters\.'
-      rf'{re.escape(name)}\.(adapter_down\.0\.weight|adapter_down\.0\.bias|adapter_up\.weight|'
-      rf'adapter_up\.bias|scaling)$')
-  fields = {'adapter_down.0.weight': 'down_w', 'adapter_down.0.bias': 'down_b',
-            'adapter_up.weight': 'up_w', 'adapter_up.bias': 'up_b', 'scaling': 'scaling'}
-  modules, unknown = {}, []
-  for key, value in state.items():
-    m = pattern.match(key)
-    if not m or int(m[1]) >= config.num_layers:
-      unknown.append(key)
-      continue
-    site = 'attention' if m[2] == 'attention.output' else 'ffn'
-    modules.setdefault((int(m[1]), site), {})[fields[m[3]]] = np.asarray(value, np.float32)
-  if unknown:
-    raise UsageError(f'AdapterHub weights this project cannot place (for adapter {name!r} on a '
-                     f'{config.num_layers}-layer {config.family}): {_names(unknown)}')
-  for (layer, site), m in modules.items():
-    lacking = [f for f in ('down_w', 'down_b', 'up_w', 'up_b') if f not in m]
-    if lacking:
-      raise UsageError(f'adapter of layer {layer} ({site}) lacks tensors {lacking}')
-  return modules
 
 
 def _layer_norm_paths(config: ModelConfig):
@@ -473,7 +377,7 @@ def _layer_norms_from_state(state: dict, config: ModelConfig) -> dict:
     out[('encoder',) + by_key[bare]] = value
   if unknown:
     raise UsageError(f'{LAYER_NORMS} holds tensors that are not LayerNorms of this base: '
-                     f'{_names(unknown)}')
+                     f"{listing(unknown)}")
   return out
 
 

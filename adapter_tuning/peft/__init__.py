@@ -125,6 +125,8 @@ class Method:
   union: Callable  # [configs] -> one config whose modules hold each of them (serving)
   merge: Callable | None = None  # (encoder params, config, num_layers) -> plain encoder params
   serves_alone: bool = False  # no parameter value means "absent": one artifact per pass
+  for_artifact: Callable | None = None  # (config, trained encoder params) -> what an artifact
+  # stores instead: prefix tuning's prefixes in place of the MLP that computes them
 
 
 def methods() -> tuple[Method, ...]:
@@ -238,6 +240,27 @@ def from_run_config(config):
 def to_meta(config) -> dict:
   """{method name: its config's fields}: what an artifact records (`config_from_meta`)."""
   return {method_of(c).name: dataclasses.asdict(c) for c in parts(config)}
+
+
+def describe(config) -> str:
+  """'lora(rank=4) + ia3()': each method with the fields it sets away from their defaults."""
+  def one(part):
+    changed = [f'{f.name}={getattr(part, f.name)}' for f in dataclasses.fields(part)
+               if f.name != 'seed' and getattr(part, f.name) != f.default]
+    return f'{method_of(part).name}({", ".join(changed)})'
+  return ' + '.join(one(p) for p in parts(config)) or 'no PEFT method'
+
+
+def for_artifact(config, trained: dict) -> tuple:
+  """(config, trained params) as an artifact records them: each method's `for_artifact`."""
+  configs = []
+  for part in parts(config):
+    convert = method_of(part).for_artifact
+    if convert is not None and 'encoder' in trained:
+      part, encoder = convert(part, trained['encoder'])
+      trained = {**trained, 'encoder': encoder}
+    configs.append(part)
+  return combine(configs), trained
 
 
 def config_from_meta(meta: dict):

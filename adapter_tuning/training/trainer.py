@@ -167,9 +167,10 @@ class Run:
 
   def write_artifact(self, params_dev, metrics: dict, at_step: int, name: str = 'adapter'):
     trained = with_raw_head(parallel.to_host(params_dev), self.setup.target_scale)
+    method, trained = peft.for_artifact(self.setup.adapter, trained)
     if jax.process_index() == 0:
       artifact.save(self.workdir / name, trained,
-                    artifact_meta(self.config, self.setup, metrics, at_step))
+                    artifact_meta(self.config, self.setup, metrics, at_step, method))
 
   def save(self, state, at_step: int, force: bool = False):
     self.ckpt.save(at_step, state, {'step': at_step, 'total_steps': self.total_steps,
@@ -343,15 +344,17 @@ def finish(run: Run, state, step: int, clock: dict) -> dict:
   return final_metrics
 
 
-def artifact_meta(config, setup: Setup, final_metrics: dict, step: int) -> dict:
+def artifact_meta(config, setup: Setup, final_metrics: dict, step: int, method) -> dict:
+  """What adapter/config.json records; `method`: the PEFT config as the artifact stores it
+  (`peft.for_artifact`)."""
   data = setup.data
   return {
       'task': data.task, 'head': data.head, 'label_names': list(data.label_names),
       'num_outputs': data.num_outputs, 'metric_names': list(data.metric_names),
       'pooling': config.model.head.pooling,
       'target_scale': dataclasses.asdict(setup.target_scale),  # already folded into head/*
-      'peft': peft.to_meta(setup.adapter),
-      'adapter': peft.to_meta(setup.adapter).get('bottleneck'),  # as before methods combined
+      'peft': peft.to_meta(method),
+      'adapter': peft.to_meta(method).get('bottleneck'),  # as before methods combined
       'trainable_rules': [list(r) for r in setup.rules],
       'base': {**setup.pretrained.identity, 'path': str(setup.pretrained.directory)},
       'max_seq_length': config.data.max_seq_length,
