@@ -18,9 +18,10 @@ documented extra step, spelled out in OUT/README.md:
 
 AdapterHub adapters cannot carry the base LayerNorms (see adapterhub.py), hence the file.
 
-Import an AdapterHub Houlsby (DoubleSeqBnConfig) or Pfeiffer (SeqBnConfig, default or
-original_ln_before=False) adapter saved with its head, as an artifact that
-`adapter_tuning.predict` serves:
+Every PEFT method exports except BitFit: bottleneck adapters (DoubleSeqBnConfig, SeqBnConfig,
+ParBnConfig), LoRA (LoRAConfig), IA³ (IA3Config), prefix tuning (PrefixTuningConfig), and a
+combination of them as one ConfigUnion (MAM). Import an AdapterHub adapter of those configs,
+saved with its head, as an artifact that `adapter_tuning.predict` serves:
 
   python -m adapter_tuning.export --adapter AH_DIR --format adapterhub --to_artifact \\
       --base BASE_DIR --output OUT_ARTIFACT [--name TASK] [--max_seq_length N]
