@@ -14,13 +14,14 @@ BERT_JSON = dict(model_type='bert', vocab_size=100, hidden_size=32, num_hidden_l
 
 def test_every_family_is_found_by_its_model_type():
   names = [f.name for f in families()]
-  assert names == ['bert', 'roberta']
+  assert names == ['bert', 'roberta', 'xlm-roberta', 'distilbert', 'electra']
   for name in names:
     assert family_named(name).name == name
 
 
 def test_unknown_model_type_is_a_one_line_error_naming_the_supported():
-  with pytest.raises(UsageError, match=r"unsupported model_type 'gpt2'; supported: bert, roberta"):
+  with pytest.raises(UsageError, match=r"unsupported model_type 'gpt2'; supported: bert, "
+                     r"roberta, xlm-roberta, distilbert, electra$"):
     family_named('gpt2')
 
 
@@ -42,12 +43,21 @@ def test_position_ids():
   # RoBERTa (HF create_position_ids_from_input_ids): non-pad tokens count from pad + 1.
   np.testing.assert_array_equal(family_named('roberta').position_ids(ids, roberta),
                                 [[2, 3, 4, 1, 1]])
+  # XLM-R is RoBERTa's layout exactly; DistilBERT and ELECTRA count from 0 like BERT.
+  xlmr = family_named('xlm-roberta').read_config({**BERT_JSON, 'model_type': 'xlm-roberta'}, 'c')
+  assert (xlmr.pad_token_id, xlmr.position_offset) == (1, 2)
+  np.testing.assert_array_equal(family_named('xlm-roberta').position_ids(ids, xlmr),
+                                [[2, 3, 4, 1, 1]])
+  for name in ('distilbert', 'electra'):
+    np.testing.assert_array_equal(family_named(name).position_ids(ids, bert), [[0, 1, 2, 3, 4]])
 
 
 def test_special_tokens_around_a_pair():
   assert family_named('bert').build_pair(101, 102, [7, 8], [9]) == (
       [101, 7, 8, 102, 9, 102], [0, 0, 0, 0, 1, 1])
   assert family_named('roberta').build_pair(0, 2, [7, 8], [9]) == (
+      [0, 7, 8, 2, 2, 9, 2], [0] * 7)
+  assert family_named('xlm-roberta').build_pair(0, 2, [7, 8], [9]) == (
       [0, 7, 8, 2, 2, 9, 2], [0] * 7)
   for family in families():
     ids, _ = family.build_pair(1, 2, [], [])

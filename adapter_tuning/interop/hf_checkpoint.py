@@ -1,4 +1,4 @@
-"""Reading Hugging Face BERT/RoBERTa checkpoints into the Flax parameter tree.
+"""Reading Hugging Face encoder checkpoints (models/families) into the Flax parameter tree.
 
 Torch stores linear weights as [out, in]; Flax kernels are [in, out] (and our attention
 projections are split per head), so each tensor is reshaped to the shape the Flax module
@@ -149,7 +149,8 @@ def _convert(value: np.ndarray, kind: str, target_shape: tuple[int, ...], leaf: 
 
 
 def convert_encoder_params(state: dict[str, np.ndarray], shapes, family: str,
-                           source: str) -> tuple[dict, list[str]]:
+                           source: str, config: ModelConfig | None = None
+                           ) -> tuple[dict, list[str]]:
   """Builds the encoder's (non-adapter) params from a HF state dict.
 
   Args:
@@ -157,6 +158,8 @@ def convert_encoder_params(state: dict[str, np.ndarray], shapes, family: str,
     shapes: nested dict of ShapeDtypeStruct for the encoder params (from `eval_shape`).
     family: the family's name (models/families), whose key map names each tensor.
     source: checkpoint directory, for error messages.
+    config: the model config; with it, a tensor the checkpoint omits but the family can
+      compute (`Family.missing_tensor`: DistilBERT's sinusoidal positions) is computed.
 
   Returns:
     (params, names of checkpoint tensors that were not used). A missing pooler is left
@@ -173,9 +176,14 @@ def convert_encoder_params(state: dict[str, np.ndarray], shapes, family: str,
     key, kind = family_spec.checkpoint_key(path)
     if key not in state and path[0] == 'pooler':
       continue  # checkpoints saved without a pooler: the caller keeps its fresh init
+    if key not in state and config is not None:
+      computed = family_spec.missing_tensor(path, config)
+      if computed is not None:
+        params[path] = np.asarray(computed, np.float32).reshape(spec.shape)
+        continue
     if key not in state:
       raise UsageError(f'checkpoint {source} lacks tensor {key!r} needed for {"/".join(path)}; '
-                       'is it a BERT/RoBERTa encoder checkpoint?')
+                       f'is it a {family} encoder checkpoint?')
     value = np.asarray(state[key])
     try:
       params[path] = _convert(value, kind, spec.shape, path[-1]).astype(np.float32)

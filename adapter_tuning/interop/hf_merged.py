@@ -61,7 +61,7 @@ def build(meta: dict, params: dict, base_dir: pathlib.Path) -> tuple[dict, dict]
   body = hf_checkpoint.export_encoder_state(
       encoder if keep_pooler else {k: v for k, v in encoder.items() if k != 'pooler'},
       config.family)
-  state = {f'{family.name}.{k}': v for k, v in body.items()}
+  state = {f'{family.key_prefixes[0]}{k}': v for k, v in body.items()}
   state.update({k: np.ascontiguousarray(v, np.float32) for k, v in classifier.items()})
   hf_config = json.loads((base_dir / 'config.json').read_text())
   labels = list(meta['label_names']) or [f'LABEL_{i}' for i in range(meta['num_outputs'])]

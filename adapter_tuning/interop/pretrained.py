@@ -64,7 +64,10 @@ class Pretrained:
 
 def load_pretrained(path_or_name, adapter=None, *, dtype=jnp.float32,
                     remat: bool = False) -> Pretrained:
-  """Loads a Hugging Face BERT/RoBERTa checkpoint into Flax, adding fresh adapters.
+  """Loads a Hugging Face encoder checkpoint into Flax, adding fresh adapters.
+
+  Encoders: the `model_type`s of `models/families` (BERT, RoBERTa, XLM-R, DistilBERT,
+  ELECTRA).
 
   Args:
     path_or_name: a local directory (config.json + weights + tokenizer files) or a hub name.
@@ -84,7 +87,7 @@ def load_pretrained(path_or_name, adapter=None, *, dtype=jnp.float32,
   params = init_params(model, adapter.seed if adapter else 0)
   shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
   loaded, unused = hf_checkpoint.convert_encoder_params(state, shapes, config.family,
-                                                        str(directory))
+                                                        str(directory), config)
   if unused:
     logging.info('%d checkpoint tensors not used by the encoder (e.g. %s)', len(unused),
                  unused[0])

@@ -1,10 +1,13 @@
-"""A Flax Linen encoder for BERT-like families (BERT, RoBERTa), with PEFT hooks.
+"""A Flax Linen encoder for the BERT-like families of `models/families`, with PEFT hooks.
 
-One module tree serves every family; what differs (position ids today) is asked of the
-family (`models/families`), and what a PEFT method adds is asked of its config at each
-layer site (`peft`). Parameter paths are what the rest of the project matches on: a PEFT
-method's parameters live under its marker (bottleneck adapters: `*_adapter/`), every
-LayerNorm under `*layer_norm/`, the task head under `head/`.
+One module tree serves every family (BERT, RoBERTa, XLM-R, DistilBERT, ELECTRA); what
+differs is either geometry in `ModelConfig` (no token types, a narrower embedding projected
+up) or asked of the family (position ids, the pooler's activation), and what a PEFT method
+adds is asked of its config at each layer site (`peft`). Parameter paths are what the rest
+of the project matches on, and they do not depend on the family (a family's own tensor
+names live only in its checkpoint key map): a PEFT method's parameters live under its
+marker (bottleneck adapters: `*_adapter/`), every LayerNorm under `*layer_norm/`, the task
+head under `head/`.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from adapter_tuning.models.activations import bias_act
+from adapter_tuning.models.activations import ACTIVATIONS, bias_act
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +39,16 @@ class ModelConfig:
   hidden_act: str = 'gelu'
   hidden_dropout: float = 0.1
   attention_dropout: float = 0.1
+  # ELECTRA: embeddings (and their LayerNorm) at this width, then a Linear up to
+  # hidden_size (`embeddings/project`); None = hidden_size, no projection.
+  embedding_size: Optional[int] = None
+  # DistilBERT's `sinusoidal_pos_embds`: a checkpoint lacking position embeddings gets the
+  # fixed sine/cosine table instead of an error (the family's `missing_tensor`).
+  sinusoidal_positions: bool = False
+
+  @property
+  def embedding_width(self) -> int:
+    return self.embedding_size or self.hidden_size
 
   @property
   def position_offset(self) -> int:
@@ -99,6 +112,13 @@ class Dropout(nn.Module):
 
 
 class Embeddings(nn.Module):
+  """Word + position (+ token type) embeddings, LayerNorm, dropout (+ projection).
+
+  A family without token types (DistilBERT: type_vocab_size 0) has no token-type table and
+  ignores token_type_ids. ELECTRA embeds at `embedding_size`, normalises there, and only
+  then projects to hidden_size (HF `ElectraModel.embeddings_project`, after the dropout).
+  """
+
   config: ModelConfig
   dtype: jnp.dtype = jnp.float32
 
@@ -106,13 +126,17 @@ class Embeddings(nn.Module):
   def __call__(self, input_ids_BxT, token_type_ids_BxT, deterministic: bool):
     from adapter_tuning.models.families import family_named
     cfg = self.config
+    width = cfg.embedding_width
     positions_BxT = family_named(cfg.family).position_ids(input_ids_BxT, cfg)
-    x = nn.Embed(cfg.vocab_size, cfg.hidden_size, name='word_embeddings')(input_ids_BxT)
-    x += nn.Embed(cfg.max_positions, cfg.hidden_size, name='position_embeddings')(positions_BxT)
-    x += nn.Embed(cfg.type_vocab_size, cfg.hidden_size,
-                  name='token_type_embeddings')(token_type_ids_BxT)
+    x = nn.Embed(cfg.vocab_size, width, name='word_embeddings')(input_ids_BxT)
+    x += nn.Embed(cfg.max_positions, width, name='position_embeddings')(positions_BxT)
+    if cfg.type_vocab_size:
+      x += nn.Embed(cfg.type_vocab_size, width,
+                    name='token_type_embeddings')(token_type_ids_BxT)
     x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, name='layer_norm')(x)
     x = Dropout(cfg.hidden_dropout)(x, deterministic=deterministic)
+    if width != cfg.hidden_size:
+      x = nn.Dense(cfg.hidden_size, dtype=self.dtype, name='project')(x)
     return x.astype(self.dtype)
 
 
@@ -259,6 +283,11 @@ class TransformerLayer(nn.Module):
 class Encoder(nn.Module):
   """Embeddings, the layer stack and the pooler; returns last hidden state and pooled [CLS].
 
+  The pooler is act(dense([CLS] state)) with the family's `pooler_act`: BERT's tanh pooler,
+  or for families without one the first layer of their HF sequence classifier (DistilBERT's
+  ReLU `pre_classifier`, ELECTRA's GELU `classifier.dense`), so `pooling=pooler` plus our
+  linear head is exactly that family's classifier.
+
   Attributes:
     remat: rematerialise each layer in the backward pass (less memory, ~1/3 more compute).
     scan: run runs of identically shaped layers as one `lax.scan` over their stacked
@@ -284,6 +313,7 @@ class Encoder(nn.Module):
   @nn.compact
   def __call__(self, input_ids_BxT, attention_mask_BxT, token_type_ids_BxT=None,
                deterministic: bool = True):
+    from adapter_tuning.models.families import family_named
     cfg = self.config
     if token_type_ids_BxT is None:
       token_type_ids_BxT = jnp.zeros_like(input_ids_BxT)
@@ -303,7 +333,8 @@ class Encoder(nn.Module):
         x_BxTxD = layer_cls(cfg, self.adapter, i, self.dtype, name=f'layer_{i}')(
             x_BxTxD, mask_BxT, deterministic, _layer_rng(layers_rng, i),
             None if prefix_LxKxPxNxH is None else prefix_LxKxPxNxH[i])
-    pooled_BxD = jnp.tanh(nn.Dense(cfg.hidden_size, dtype=self.dtype, name='pooler')(
+    pooler_act = ACTIVATIONS[family_named(cfg.family).pooler_act]
+    pooled_BxD = pooler_act(nn.Dense(cfg.hidden_size, dtype=self.dtype, name='pooler')(
         x_BxTxD[:, 0]))
     return {'last_hidden_state': x_BxTxD, 'pooled': pooled_BxD}
 

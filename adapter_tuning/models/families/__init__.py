@@ -3,7 +3,8 @@
 A family is the `model_type` of a Hugging Face `config.json` plus the few facts that
 differ between checkpoints of that type: how its config.json reads into a `ModelConfig`,
 where each Flax parameter lives in its state dict (the key map), how position ids are
-made, and how its tokenizer wraps one or two texts in special tokens. The encoder, the
+made, how its tokenizer wraps one or two texts in special tokens, and the activation of
+the first layer of its sequence classifier (our pooler). The encoder, the
 checkpoint reader, the tokenizer and the AdapterHub converter ask the family for these
 and never test family names themselves, so a new family is one new module here plus one
 entry in `families()`.
@@ -25,6 +26,7 @@ class Family:
   read_config: Callable  # (config.json as a dict, its path for messages) -> ModelConfig
   checkpoint_key: Callable  # Flax path under the encoder -> (HF key, conversion kind)
   key_prefixes: tuple[str, ...]  # what a saved *ForXxx model puts before encoder keys
+  # (the first is what a merged *ForSequenceClassification export writes)
   position_ids: Callable  # (input_ids_BxT, ModelConfig) -> position ids [B, T]
   position_offset: Callable  # ModelConfig -> the first position id of a sequence
   special_tokens: tuple[str, str]  # (the sequence-start token, the separator)
@@ -33,16 +35,24 @@ class Family:
   adapterhub_model_class: str  # AdapterHub's flexible-head model class for this family
   sequence_classifier: Callable  # (pooler {kernel, bias}, head {kernel, bias}) -> (HF
   # *ForSequenceClassification class name, its tensors outside the encoder, keep_pooler)
+  pooler_act: str = 'tanh'  # ACTIVATIONS name after the pooler's dense layer
+  missing_tensor: Callable = lambda path, config: None  # (Flax path, ModelConfig) -> the
+  # value HF computes for a tensor a checkpoint may omit, or None (omitting it is an error)
+
+
+def model_types() -> str:
+  """The supported config.json model_types, for messages."""
+  return ', '.join(f.name for f in families())
 
 
 def families() -> tuple[Family, ...]:
-  from adapter_tuning.models.families import bert, roberta  # lazy: they import the encoder
-  return (bert.FAMILY, roberta.FAMILY)
+  # lazy: they import the encoder
+  from adapter_tuning.models.families import bert, distilbert, electra, roberta, xlm_roberta
+  return (bert.FAMILY, roberta.FAMILY, xlm_roberta.FAMILY, distilbert.FAMILY, electra.FAMILY)
 
 
 def family_named(name: str) -> Family:
   for family in families():
     if family.name == name:
       return family
-  raise UsageError(f'unsupported model_type {name!r}; supported: '
-                   f'{", ".join(f.name for f in families())}')
+  raise UsageError(f'unsupported model_type {name!r}; supported: {model_types()}')

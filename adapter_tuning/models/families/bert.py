@@ -14,12 +14,18 @@ from adapter_tuning.models.encoder import ModelConfig
 from adapter_tuning.models.families import Family
 
 
+def activation(hf: dict, key: str, source) -> str:
+  """config.json's activation name under `key`, checked against the one activation table."""
+  act = hf.get(key, 'gelu')
+  if act not in ACTIVATIONS:
+    raise UsageError(f'unsupported {key} {act!r} in {source}; supported: '
+                     f'{", ".join(ACTIVATIONS)}')
+  return act
+
+
 def read_config(hf: dict, source, *, model_type: str = 'bert', default_pad: int = 0) -> ModelConfig:
   """A BERT-layout config.json (as a dict) -> ModelConfig; `source` names it in errors."""
-  act = hf.get('hidden_act', 'gelu')
-  if act not in ACTIVATIONS:
-    raise UsageError(f'unsupported hidden_act {act!r} in {source}; supported: '
-                     f'{", ".join(ACTIVATIONS)}')
+  act = activation(hf, 'hidden_act', source)
   if hf.get('position_embedding_type', 'absolute') != 'absolute':
     raise UsageError(f'position_embedding_type {hf["position_embedding_type"]!r} in '
                      f'{source} is not supported; only absolute positions are')
