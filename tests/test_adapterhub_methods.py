@@ -31,12 +31,12 @@ METHODS = {'lora': ['lora'], 'ia3': ['ia3'], 'prefix': ['prefix'], 'prefix_flat'
            'mam': ['prefix', 'bottleneck'], 'lora_seqbn': ['lora', 'bottleneck']}
 
 
-def _adapterhub_model(base_dir, name, config, seed=3):
+def _adapterhub_model(base_dir, name, config, seed=3, **head):
   """AdapterHub's method on the base, every parameter of it (and the head) random."""
   torch.manual_seed(seed)
   model = adapters.AutoAdapterModel.from_pretrained(str(base_dir))
   model.add_adapter(name, config=config)
-  model.add_classification_head(name, num_labels=3, id2label={0: 'a', 1: 'b', 2: 'c'})
+  model.add_classification_head(name, num_labels=3, id2label={0: 'a', 1: 'b', 2: 'c'}, **head)
   owned = (f'.loras.{name}.', f'.prefix_tunings.{name}.', f'.adapters.{name}.', f'heads.{name}.')
   changed = 0
   with torch.no_grad():
@@ -125,3 +125,26 @@ def test_what_adapterhub_cannot_hold_is_refused_in_one_line(base, tmp_path, caps
   assert _cli('--adapter', tmp_path / 'gated', '--format', 'adapterhub', '--to_artifact',
               '--base', base, '--output', tmp_path / 'o') == 2
   assert 'use_gating' in capsys.readouterr().err
+
+
+def test_electra_adapterhub_lora_round_trip(tmp_path, minilm_dir):
+  """Another family through the same converters: ELECTRA (projected embeddings, GELU
+  classifier layer as AdapterHub's 2-layer head) with LoRA + head, imported and exported."""
+  from test_families_more import _electra
+  _, base_dir = _electra(tmp_path / 'base', minilm_dir, embedding_size=16)
+  ids = np.array([[101, 2023, 2003, 1037, 3231, 102, 0], [101, 2178, 102, 0, 0, 0, 0]], np.int32)
+  batch = {'input_ids': ids, 'attention_mask': (ids != 0).astype(np.int32),
+           'token_type_ids': np.zeros_like(ids)}
+  model = _adapterhub_model(base_dir, 'el', adapters.LoRAConfig(r=2, output_lora=True),
+                            activation_function='gelu')  # ElectraClassificationHead's
+  theirs = _torch_logits(model, batch)
+  model.save_adapter(str(tmp_path / 'ah'), 'el', with_head=True)
+  art, back = tmp_path / 'art', tmp_path / 'back'
+  assert _cli('--adapter', tmp_path / 'ah', '--format', 'adapterhub', '--to-artifact',
+              '--base', base_dir, '--output', art) == 0
+  assert _cli('--adapter', art, '--format', 'adapterhub', '--output', back) == 0
+  ours, _ = _ours([art], batch)
+  again = _torch_logits(_load_in_adapterhub(base_dir, back)[0], batch)
+  diffs = float(np.abs(ours - theirs).max()), float(np.abs(again - theirs).max())
+  print(f'ELECTRA LoRA: import {diffs[0]:.2e}, export back {diffs[1]:.2e}')
+  assert max(diffs) < TOL

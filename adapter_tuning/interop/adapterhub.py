@@ -177,7 +177,7 @@ def to_adapterhub(params: dict, meta: dict, config: ModelConfig, name: str,
          'model_name': base_name, 'model_type': config.family, 'name': name,
          'version': ADAPTERHUB_VERSION}
   head_config, head_state = _head_to_adapterhub(head, meta, name, head_params, pooler,
-                                                meta.get('pooling', 'pooler'))
+                                                meta.get('pooling', 'pooler'), family.pooler_act)
   ln_state = (hf_checkpoint.export_encoder_state(tu.unflatten_dict(ln_params), config.family)
               if ln_params else None)
   # Top-level extra keys are how AdapterHub itself stores meta_dict; its loader ignores them.
@@ -230,7 +230,9 @@ def _union(members: list[dict]) -> dict:
   return members[0] if len(members) == 1 else {'architecture': 'union', 'configs': members}
 
 
-def _head_to_adapterhub(head, meta, name, head_params, pooler, pooling):
+def _head_to_adapterhub(head, meta, name, head_params, pooler, pooling, pooler_act='tanh'):
+  """Our head (+ a trained pooler: AdapterHub's 2-layer head, whose activation is the
+  family's pooler activation, tanh for BERT) as head_config + weights."""
   kernel, bias = head_params['kernel'], head_params['bias']
   if head != 'span' and pooling == 'mean':
     raise UsageError('the artifact\'s head reads the mean over tokens (model.head.pooling=mean); '
@@ -244,7 +246,7 @@ def _head_to_adapterhub(head, meta, name, head_params, pooler, pooling):
   num = int(kernel.shape[1])
   if head == 'classification' and len(labels) != num:
     raise UsageError(f'artifact has {len(labels)} label names but a head with {num} outputs')
-  config = {'activation_function': 'tanh', 'bias': True, 'dropout_prob': None,
+  config = {'activation_function': pooler_act, 'bias': True, 'dropout_prob': None,
             'head_type': 'classification',
             'label2id': {str(l): i for i, l in enumerate(labels)} if head == 'classification' else None,
             'layers': 1, 'num_labels': num, 'use_pooler': True}
@@ -319,8 +321,9 @@ def from_adapterhub(files: AdapterHubFiles, config: ModelConfig) -> Imported:
   cfg = files.adapter_config
   model_type = cfg.get('model_type')
   if model_type not in [f.name for f in families() if f.adapterhub_model_class]:
-    raise UsageError(f'the AdapterHub adapter was made for model_type {model_type!r}; only '
-                     'BERT and RoBERTa adapters import')
+    raise UsageError(f'the AdapterHub adapter was made for model_type {model_type!r}; '
+                     'adapters of ' + ', '.join(f.name for f in families()
+                                                if f.adapterhub_model_class) + ' import')
   if model_type != config.family or cfg.get('hidden_size', config.hidden_size) != config.hidden_size:
     raise UsageError(f'the AdapterHub adapter was made for a {model_type} model with hidden size '
                      f'{cfg.get("hidden_size")}, but the base is {config.family} with hidden size '
@@ -366,14 +369,15 @@ def _layer_norms_from_state(state: dict, config: ModelConfig) -> dict:
             for p in _layer_norm_paths(config)}
   out, unknown = {}, []
   for key, value in state.items():
-    bare = re.sub(r'^(bert|roberta)\.', '', key)
+    prefixes = family_named(config.family).key_prefixes
+    bare = next((key[len(p):] for p in prefixes if key.startswith(p)), key)
     if bare not in by_key:
       unknown.append(key)
       continue
     value = np.asarray(value, np.float32)
-    if value.shape != (config.hidden_size,):
-      raise UsageError(f'{LAYER_NORMS}: {key} has shape {value.shape}, expected '
-                       f'({config.hidden_size},)')
+    width = config.embedding_width if by_key[bare][0] == 'embeddings' else config.hidden_size
+    if value.shape != (width,):
+      raise UsageError(f'{LAYER_NORMS}: {key} has shape {value.shape}, expected ({width},)')
     out[('encoder',) + by_key[bare]] = value
   if unknown:
     raise UsageError(f'{LAYER_NORMS} holds tensors that are not LayerNorms of this base: '
@@ -421,14 +425,15 @@ def _head_from_adapterhub(files: AdapterHubFiles, config: ModelConfig):
   if layers == 1:  # on the pooler output, or on the [CLS] state (use_pooler=False)
     flat[('head', 'kernel')], flat[('head', 'bias')] = linear(1, num)
     pooling = 'pooler' if use_pooler else 'cls'
-  elif layers == 2 and not use_pooler and act == 'tanh':
+  elif layers == 2 and not use_pooler and act == family_named(config.family).pooler_act:
     flat[('encoder', 'pooler', 'kernel')], flat[('encoder', 'pooler', 'bias')] = linear(1, d)
     flat[('head', 'kernel')], flat[('head', 'bias')] = linear(4, num)
   else:
     raise UsageError(
         f'classification head with layers={layers}, use_pooler={use_pooler}, '
         f'activation_function={act!r} does not fit a linear head on the pooled [CLS] output; '
-        'importable: layers=1, or layers=2 with tanh and use_pooler=False')
+        f'importable: layers=1, or layers=2 with {family_named(config.family).pooler_act} and '
+        'use_pooler=False')
   if num == 1:
     return 'regression', [], 1, flat, pooling
   label2id = hc.get('label2id') or {}

@@ -101,6 +101,8 @@ FAMILY = Family(name='distilbert', read_config=read_config, checkpoint_key=check
                 key_prefixes=('distilbert.',), position_ids=bert.position_ids,
                 position_offset=lambda config: 0, special_tokens=('[CLS]', '[SEP]'),
                 build_pair=bert.build_pair, num_special_tokens_pair=3,
-                adapterhub_model_class='DistilBertAdapterModel',
+                # AdapterHub's DistilBERT modules sit elsewhere (transformer.layer.N.
+                # attention_adapters / output_adapters): not mapped, so no AH export yet.
+                adapterhub_model_class='',
                 sequence_classifier=sequence_classifier, pooler_act='relu',
                 missing_tensor=missing_tensor)
