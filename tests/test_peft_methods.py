@@ -14,6 +14,7 @@ import torch
 from adapter_tuning.errors import UsageError
 from adapter_tuning.interop.pretrained import load_pretrained
 from adapter_tuning.models.encoder import Encoder
+from adapter_tuning import peft
 from adapter_tuning.peft import lora
 from adapter_tuning.peft.lora import LoRAConfig
 
@@ -138,9 +139,27 @@ def test_merge_folds_the_update_into_the_kernels(minilm_dir):
   assert diff <= 1e-5
 
 
-def test_lora_and_adapter_artifacts_serve_together_as_they_do_alone(tmp_path):
-  """A LoRA run and a bottleneck run through the trainer; their artifacts in one mixed batch
-  predict what each predicts alone (per-example routing across methods)."""
+def _artifact_logits(base, directory, rows):
+  """One artifact's logits through its own (training) config, not the serving union."""
+  from adapter_tuning.interop import artifact
+  from adapter_tuning.models.heads import TaskModel
+  from adapter_tuning.training import trainable as trainable_lib
+  meta, params = artifact.load(directory)
+  method = peft.config_from_meta(meta)
+  pre = load_pretrained(base, adapter=method)
+  model = TaskModel(pre.config, method, meta['head'], meta['num_outputs'],
+                    pooling=meta.get('pooling', 'pooler'))
+  full = trainable_lib.merge(params, {'encoder': pre.params})
+  b = pre.tokenizer.pad(*pre.tokenizer.tokenize([r['text'] for r in rows]))
+  return np.asarray(model.apply({'params': full}, b['input_ids'], b['attention_mask'],
+                                b['token_type_ids']))
+
+
+def test_artifacts_of_every_method_serve_together_as_they_do_alone(tmp_path):
+  """LoRA, bottleneck + LoRA, prefix (MLP kept) and prefix + IA³ runs through the trainer;
+  their artifacts in one mixed batch predict what each predicts alone (per-example routing
+  across methods, prefixes of different lengths), and a prefix artifact served predicts what
+  its own model computes."""
   from adapter_tuning.data import demo
   from adapter_tuning.predict import predict_rows
   from adapter_tuning.serving.multi_adapter import MultiTaskModel
@@ -150,25 +169,39 @@ def test_lora_and_adapter_artifacts_serve_together_as_they_do_alone(tmp_path):
   base = demo.ensure_checkpoint(tmp_path / 'base')
   common = {'data.source': 'glue_dir', 'data.data_dir': str(GLUE_DIR),
             'data.max_train_examples': 64, 'data.max_eval_examples': 32, 'learning_rate': 3e-3}
-  train_and_evaluate(tiny_config(base, 'glue/rte', **common, **{
-      'model.lora.rank': 4, 'model.lora.targets': 'query,value,output',
-      'model.adapter.placement': 'none', 'trainable': 'peft'}), tmp_path / 'rte')
-  train_and_evaluate(tiny_config(base, 'glue/sst2', **common, **{
-      'model.lora.rank': 4, 'model.lora.targets': 'query'}), tmp_path / 'sst2')  # + adapters
-  import json
-  meta = json.loads((tmp_path / 'sst2' / 'adapter' / 'config.json').read_text())
+  none = {'model.adapter.placement': 'none', 'trainable': 'peft'}
+  runs = {
+      'glue/rte': {'model.lora.rank': 4, 'model.lora.targets': 'query,value,output', **none},
+      'glue/sst2': {'model.lora.rank': 4, 'model.lora.targets': 'query'},  # + adapters
+      'glue/cola': {'model.prefix.length': 3, 'model.prefix.bottleneck': 8,
+                    'model.prefix.keep_mlp': True, **none},
+      'glue/mrpc': {'model.prefix.length': 5, 'model.prefix.bottleneck': 8,
+                    'model.ia3.targets': 'key,value', **none},
+  }
+  dirs = {}
+  for task, keys in runs.items():
+    workdir = tmp_path / task.split('/')[1]
+    train_and_evaluate(tiny_config(base, task, **common, **keys), workdir)
+    dirs[task] = workdir / 'adapter'
+  meta = json.loads((dirs['glue/sst2'] / 'config.json').read_text())
   assert set(meta['peft']) == {'bottleneck', 'lora'}
-  dirs = [tmp_path / 'rte' / 'adapter', tmp_path / 'sst2' / 'adapter']
-  mixed = MultiTaskModel(dirs)
-  rows = [{'text': f'a film {i}', 'text_pair': 'it is good' if i % 2 else None,
-           'task': 'glue/rte' if i % 2 else 'glue/sst2'} for i in range(8)]
+  assert json.loads((dirs['glue/cola'] / 'config.json').read_text())['peft']['prefix'][
+      'flat'] is False  # keep_mlp: the artifact holds the MLP
+  mixed = MultiTaskModel(list(dirs.values()))
+  tasks = list(dirs)
+  rows = [{'text': f'a film {i}', 'text_pair': 'it is good' if i % 3 == 0 else None,
+           'task': tasks[i % len(tasks)]} for i in range(12)]
   together = predict_rows(mixed, rows, 4, 32)
-  for d, task in zip(dirs, ('glue/rte', 'glue/sst2')):
+  for task, d in dirs.items():
     mine = [i for i, r in enumerate(rows) if r['task'] == task]
     alone = predict_rows(MultiTaskModel([d]), [rows[i] for i in mine], 4, 32)
     for i, a in zip(mine, alone):
       assert a['label'] == together[i]['label']
       np.testing.assert_allclose(a['logits'], together[i]['logits'], atol=1e-5)
+  single = [{'text': f'a film {i}', 'task': 'glue/mrpc'} for i in range(4)]
+  served = np.asarray([r['logits'] for r in predict_rows(mixed, single, 4, 32)])
+  np.testing.assert_allclose(served, _artifact_logits(base, dirs['glue/mrpc'], single),
+                             atol=1e-5)
   with pytest.raises(UsageError, match='different rank/alpha'):
     lora.union([LoRAConfig(rank=2), LoRAConfig(rank=4)])
 

@@ -176,7 +176,8 @@ class SelfAttention(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxTxD, mask_BxT, deterministic: bool, dropout_rng=None, prefix_kv=None):
-    """`prefix_kv` [2, P, N, H]: keys and values every query attends to before its own."""
+    """`prefix_kv`: (keys and values [2, P, N, H] every query attends to before its own,
+    which of the P positions are in use [P] or None for all)."""
     cfg = self.config
     head_dim = cfg.hidden_size // cfg.num_heads
     project = lambda site, x, y: hooked(self.adapter, self.index, site, self.dtype, x, y,
@@ -322,17 +323,17 @@ class Encoder(nn.Module):
         input_ids_BxT, token_type_ids_BxT, deterministic)
     layers_rng = None if deterministic else self.make_rng('dropout')
     prefix_module = None if self.adapter is None else self.adapter.encoder_hook(cfg, self.dtype)
-    prefix_LxKxPxNxH = None if prefix_module is None else prefix_module()
+    prefix = None if prefix_module is None else prefix_module()  # ([L, 2, P, N, H], [L, P])
     if self.scan and not self.is_initializing():
       x_BxTxD = self._scanned_layers(x_BxTxD, mask_BxT, deterministic, layers_rng,
-                                     prefix_LxKxPxNxH)
+                                     prefix)
     else:
       layer_cls = (nn.remat(TransformerLayer, static_argnums=(3,)) if self.remat
                    else TransformerLayer)
       for i in range(cfg.num_layers):
         x_BxTxD = layer_cls(cfg, self.adapter, i, self.dtype, name=f'layer_{i}')(
             x_BxTxD, mask_BxT, deterministic, _layer_rng(layers_rng, i),
-            None if prefix_LxKxPxNxH is None else prefix_LxKxPxNxH[i])
+            None if prefix is None else jax.tree.map(lambda a, i=i: a[i], prefix))
     pooler_act = ACTIVATIONS[family_named(cfg.family).pooler_act]
     pooled_BxD = pooler_act(nn.Dense(cfg.hidden_size, dtype=self.dtype, name='pooler')(
         x_BxTxD[:, 0]))
@@ -353,19 +354,24 @@ class Encoder(nn.Module):
         body = jax.checkpoint(body)
       stacked = jax.tree.map(lambda *xs: jnp.stack(xs),
                              *[params[f'layer_{i}'] for i in range(first, last + 1)])
-      kv = None if prefix_kv is None else prefix_kv[first:last + 1]
+      kv = None if prefix_kv is None else jax.tree.map(lambda a, f=first, l=last: a[f:l + 1],
+                                                       prefix_kv)
       x_BxTxD, _ = jax.lax.scan(body, x_BxTxD, (stacked, jnp.arange(first, last + 1), kv))
     return x_BxTxD
 
 
 def with_prefix(prefix_kv, k_BxTxNxH, v_BxTxNxH, mask_BxT):
-  """Keys, values and key mask with the P prefix positions first (every query sees them)."""
-  b, p = k_BxTxNxH.shape[0], prefix_kv.shape[1]
+  """Keys, values and key mask with the P prefix positions first (every query sees those in
+  use: all of them, or where the prefix's own mask says so -- serving several artifacts, a
+  shorter prefix or none at all is padded with positions no query sees)."""
+  kv_2xPxNxH, keep_P = prefix_kv
+  b, p = k_BxTxNxH.shape[0], kv_2xPxNxH.shape[1]
   batch = lambda y_PxNxH: jnp.broadcast_to(y_PxNxH.astype(k_BxTxNxH.dtype),
                                            (b,) + y_PxNxH.shape)
-  return (jnp.concatenate([batch(prefix_kv[0]), k_BxTxNxH], axis=1),
-          jnp.concatenate([batch(prefix_kv[1]), v_BxTxNxH], axis=1),
-          jnp.concatenate([jnp.ones((b, p), bool), mask_BxT], axis=1))
+  keep_BxP = jnp.ones((b, p), bool) if keep_P is None else jnp.broadcast_to(keep_P, (b, p))
+  return (jnp.concatenate([batch(kv_2xPxNxH[0]), k_BxTxNxH], axis=1),
+          jnp.concatenate([batch(kv_2xPxNxH[1]), v_BxTxNxH], axis=1),
+          jnp.concatenate([keep_BxP, mask_BxT], axis=1))
 
 
 def _layer_rng(layers_rng, index):

@@ -124,9 +124,10 @@ class Method:
   from_meta: Callable  # an artifact's recorded config (dict or None) -> config or None
   union: Callable  # [configs] -> one config whose modules hold each of them (serving)
   merge: Callable | None = None  # (encoder params, config, num_layers) -> plain encoder params
-  serves_alone: bool = False  # no parameter value means "absent": one artifact per pass
   for_artifact: Callable | None = None  # (config, trained encoder params) -> what an artifact
   # stores instead: prefix tuning's prefixes in place of the MLP that computes them
+  for_serving: Callable | None = None  # (config, an artifact's encoder params) -> the params
+  # `union`'s config holds for it (prefix tuning: its positions marked in use)
 
 
 def methods() -> tuple[Method, ...]:
@@ -263,6 +264,15 @@ def for_artifact(config, trained: dict) -> tuple:
   return combine(configs), trained
 
 
+def for_serving(config, trained: dict) -> dict:
+  """An artifact's trained params as `union`'s config holds them (each `for_serving`)."""
+  for part in parts(config):
+    convert = method_of(part).for_serving
+    if convert is not None and 'encoder' in trained:
+      trained = {**trained, 'encoder': convert(part, trained['encoder'])}
+  return trained
+
+
 def config_from_meta(meta: dict):
   """The PEFT config an artifact records: `peft` ({method: fields}), or, as artifacts
   written before methods combined did, `method` (default bottleneck) and `adapter`."""
@@ -277,12 +287,6 @@ def config_from_meta(meta: dict):
 def union(configs: list):
   """One config whose modules hold every given config's, for serving them in one pass:
   per method, that method's union of the configs that use it."""
-  alone = sorted({method_of(p).name for c in configs for p in parts(c)
-                  if method_of(p).serves_alone})
-  if alone and len(configs) > 1:
-    from adapter_tuning.errors import UsageError
-    raise UsageError(f'{", ".join(alone)} adapters are served one at a time (their parameters '
-                     'have no value that leaves the base unchanged); pass such an adapter alone')
   by_method: dict[str, list] = {}
   for config in configs:
     for part in parts(config):

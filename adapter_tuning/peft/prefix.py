@@ -37,6 +37,7 @@ class PrefixConfig(MethodConfig):
   bottleneck: int = 512  # width of the reparametrisation MLP (unused when flat)
   flat: bool = False  # the prefixes are the parameters (no MLP)
   keep_mlp: bool = False  # the artifact keeps the MLP instead of the prefixes it computes
+  masked: bool = False  # serving several artifacts: flat, plus which positions are in use
   seed: int = 0
 
   def __post_init__(self):
@@ -48,9 +49,10 @@ class PrefixConfig(MethodConfig):
                        f'prefixes, no MLP), got {self.bottleneck!r}')
 
   def encoder_hook(self, model_config, dtype):
-    if self.flat:
+    if self.flat or self.masked:
       return FlatPrefix(self.length, model_config.num_layers, model_config.num_heads,
-                        model_config.hidden_size // model_config.num_heads, name=MODULE)
+                        model_config.hidden_size // model_config.num_heads, self.masked,
+                        name=MODULE)
     return PrefixMLP(self.length, self.bottleneck, model_config.num_layers,
                      model_config.num_heads, model_config.hidden_size // model_config.num_heads,
                      dtype=dtype, name=MODULE)
@@ -59,8 +61,10 @@ class PrefixConfig(MethodConfig):
     """Embeddings N(0, 1); Linear weights and biases U(+-1/sqrt(fan_in)) (torch's default)."""
     module = encoder_params[MODULE]
     rng = np.random.default_rng((self.seed, 20_000))
-    if self.flat:
+    if self.flat or self.masked:
       module['kv'][...] = rng.standard_normal(module['kv'].shape)
+      if self.masked:
+        module['keep'][...] = 0.0  # what an artifact without prefixes serves with
       return
     module['wte'][...] = rng.standard_normal(module['wte'].shape)
     for name in ('down', 'up'):
@@ -81,18 +85,26 @@ def _by_layer(kv, length: int, num_layers: int, num_heads: int, head_dim: int):
 
 
 class FlatPrefix(nn.Module):
-  """() -> the key/value prefixes, stored as they are used (no reparametrisation)."""
+  """() -> (the key/value prefixes, stored as they are used (no reparametrisation), which
+  positions are in use [layers, P] or None: all). `masked` (serving several artifacts in one
+  batch, `union`) adds 'keep' [P]: 1 where this example's artifact has a prefix position,
+  0 past its length or for an artifact without prefixes, so each example sees its own."""
 
   length: int
   num_layers: int
   num_heads: int
   head_dim: int
+  masked: bool = False
 
   @nn.compact
   def __call__(self):
     d = self.num_heads * self.head_dim
     kv = self.param('kv', nn.initializers.zeros, (self.length, self.num_layers * 2 * d))
-    return _by_layer(kv, self.length, self.num_layers, self.num_heads, self.head_dim)
+    kv = _by_layer(kv, self.length, self.num_layers, self.num_heads, self.head_dim)
+    if not self.masked:
+      return kv, None
+    keep = self.param('keep', nn.initializers.ones, (self.length,)) > 0.5
+    return kv, jnp.broadcast_to(keep, (self.num_layers, self.length))
 
 
 class PrefixMLP(nn.Module):
@@ -113,7 +125,7 @@ class PrefixMLP(nn.Module):
     h = jnp.tanh(nn.Dense(self.bottleneck, kernel_init=zeros, dtype=self.dtype,
                           name='down')(wte))
     kv = nn.Dense(self.num_layers * 2 * d, kernel_init=zeros, dtype=self.dtype, name='up')(h)
-    return _by_layer(kv, self.length, self.num_layers, self.num_heads, self.head_dim)
+    return _by_layer(kv, self.length, self.num_layers, self.num_heads, self.head_dim), None
 
 
 def param_count(config: PrefixConfig, hidden: int, num_layers: int) -> int:
@@ -158,9 +170,18 @@ def from_meta(fields) -> PrefixConfig | None:
 
 
 def union(configs: list[PrefixConfig]) -> PrefixConfig:
-  return configs[0]  # served alone (METHOD.serves_alone): a prefix has no identity value
+  """Flat prefixes of the longest length, each artifact's positions marked (`masked`)."""
+  return PrefixConfig(length=max(c.length for c in configs), flat=True, masked=True)
+
+
+def for_serving(config: PrefixConfig, encoder_params: dict) -> dict:
+  """An artifact's params as the `union` config holds them: flat prefixes (the MLP's output,
+  if it kept the MLP) and its positions marked in use (shorter ones pad with unused)."""
+  config, encoder_params = eject(dataclasses.replace(config, keep_mlp=False), encoder_params)
+  module = encoder_params[MODULE]
+  return {**encoder_params, MODULE: {**module, 'keep': np.ones((config.length,), np.float32)}}
 
 
 METHOD = Method(name='prefix', config_class=PrefixConfig, param_marker=PARAM_MARKER,
                 from_run_config=from_run_config, from_meta=from_meta, union=union,
-                serves_alone=True, for_artifact=eject)
+                for_artifact=eject, for_serving=for_serving)

@@ -6,10 +6,13 @@ examples with the frozen base unbatched. vmap turns a matmul with unbatched weig
 into one ordinary matmul over the whole batch, so the base costs what it costs for a
 single task; only the small per-task pieces become batched (per-example) matmuls.
 
-Artifacts may differ in adapter size (smaller ones are zero-padded: the extra bottleneck
-units have zero weights in and out, so they contribute exactly nothing), placement or
-layers (absent adapters are zero, i.e. the identity), trainable rules (a leaf one task
-did not train takes the base's value) and head width (extra logits are masked).
+Artifacts may differ in method (a mix of bottleneck adapters, LoRA, IA³ and prefix tuning:
+`peft.union`), adapter size (smaller ones are zero-padded: the extra bottleneck units have
+zero weights in and out, so they contribute exactly nothing), placement or layers (absent
+adapters are zero, LoRA's B zero, IA³'s vectors one: the identity), prefix length (each
+example attends only to its own artifact's prefix positions; `peft.for_serving`), trainable
+rules (a leaf one task did not train takes the base's value) and head width (extra logits
+are masked).
 """
 
 from __future__ import annotations
@@ -89,7 +92,7 @@ class MultiTaskModel:
                   for d, m, _ in loaded]
     self.model = TaskModel(self.pretrained.config, adapter, self.head, self.max_outputs,
                            pooling=poolings.pop())
-    self._build_params([p for _, _, p in loaded])
+    self._build_params([peft.for_serving(peft.config_from_meta(m), p) for _, m, p in loaded])
     self._forward = jax.jit(self._forward_impl)
 
   def _build_params(self, trained: list[dict]):
