@@ -30,7 +30,7 @@ def is_finished(run_dir: pathlib.Path) -> bool:
 def method_of(cfg: dict) -> str:
   """A run's method label: the `trainable` preset ('full', 'head', 'top:K', 'bitfit'); for
   'adapters' / 'peft', the PEFT methods the model keys switch on ('adapters' for Houlsby
-  bottlenecks, else the placement, 'lora', 'ia3', joined by '+'; ' (peft)' when LayerNorms
+  bottlenecks, else the placement, 'lora', 'ia3', 'prefix', joined by '+'; ' (peft)' when LayerNorms
   stay frozen); explicit rule lists are 'custom'."""
   trainable = cfg['trainable']
   if not isinstance(trainable, str) or '=' in trainable:
@@ -48,6 +48,8 @@ def method_of(cfg: dict) -> str:
     names.append('lora')
   if (model.get('ia3') or {}).get('targets'):
     names.append('ia3')
+  if (model.get('prefix') or {}).get('length'):
+    names.append('prefix')
   label = '+'.join(names) or 'layernorms'
   return label if trainable == 'adapters' else f'{label} (peft)'
 
