@@ -5,7 +5,7 @@
 Uses ../shared (the MiniLM checkpoint and the GLUE TSVs); 300 steps of 32 at length 64 per
 run, each method at its usual learning rate, AdapterHub's and peft's recipe (`trainable=peft`:
 the method's parameters and the head; LayerNorms frozen) next to the paper's (`adapters`:
-LayerNorms train too), BitFit, the head alone and full fine-tuning.
+LayerNorms train too), prefix tuning and MAM, BitFit, the head alone and full fine-tuning.
 """
 
 from configs import sst2_minilm_tradeoff
@@ -28,6 +28,12 @@ def sweep():
        'learning_rate': 1e-3, **none},
       {'trainable': 'peft', 'model.ia3.targets': 'key,value,intermediate',
        'learning_rate': 3e-3, **none},
+      {'trainable': 'peft', 'model.prefix.length': 30, 'model.prefix.bottleneck': 512,
+       'learning_rate': 3e-4, **none},  # prefix tuning (collapses on some seeds at 1e-3)
+      {'trainable': 'peft', 'model.prefix.length': 30, 'model.prefix.bottleneck': 800,
+       'model.adapter.placement': 'parallel_ffn', 'model.adapter.size': 192,
+       'model.adapter.scaling': 4.0, 'model.adapter.activation': 'relu',
+       'learning_rate': 3e-4},  # MAM, as AdapterHub's MAMConfig (m = d / 2)
       {'trainable': 'bitfit', 'learning_rate': 1e-3, **none},
       {'trainable': 'head', 'learning_rate': 1e-3, **none},
       {'trainable': 'full', 'learning_rate': 5e-5, **none},
