@@ -41,7 +41,7 @@ def resolve_checkpoint(path_or_name: str) -> pathlib.Path:
     local = huggingface_hub.snapshot_download(
         str(path_or_name),
         allow_patterns=['config.json', '*.safetensors', '*.safetensors.index.json', '*.json',
-                        'vocab.txt', 'merges.txt'])
+                        'vocab.txt', 'merges.txt', 'spm.model'])
   except Exception as e:  # pylint: disable=broad-except  # offline, unknown repo, auth...
     raise UsageError(
         f'could not fetch {path_or_name!r} from the Hugging Face hub ({type(e).__name__}); '

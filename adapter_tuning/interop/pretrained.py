@@ -67,7 +67,7 @@ def load_pretrained(path_or_name, adapter=None, *, dtype=jnp.float32,
   """Loads a Hugging Face encoder checkpoint into Flax, adding fresh adapters.
 
   Encoders: the `model_type`s of `models/families` (BERT, RoBERTa, XLM-R, DistilBERT,
-  ELECTRA).
+  ELECTRA, DeBERTa-v2/v3).
 
   Args:
     path_or_name: a local directory (config.json + weights + tokenizer files) or a hub name.

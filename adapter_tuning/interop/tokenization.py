@@ -125,5 +125,10 @@ def load_tokenizer(directory: pathlib.Path, family: str, pad_id: int) -> Tokeniz
         add_prefix_space=options.get('add_prefix_space', False),
         trim_offsets=options.get('trim_offsets', True))
     return Tokenizer(backend, family, pad_id)
+  if (directory / 'spm.model').exists():
+    raise UsageError(f'{directory} has only a SentencePiece spm.model (DeBERTa-v3 style), which '
+                     'this project reads as tokenizer.json: where sentencepiece and transformers '
+                     'are installed, run transformers.AutoTokenizer.from_pretrained(DIR)'
+                     '.save_pretrained(DIR) once to write it')
   raise UsageError(f'no tokenizer in {directory}: expected tokenizer.json, vocab.txt, '
                    'or vocab.json + merges.txt; save the tokenizer next to the weights')

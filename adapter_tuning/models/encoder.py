@@ -1,8 +1,9 @@
 """A Flax Linen encoder for the BERT-like families of `models/families`, with PEFT hooks.
 
-One module tree serves every family (BERT, RoBERTa, XLM-R, DistilBERT, ELECTRA); what
-differs is either geometry in `ModelConfig` (no token types, a narrower embedding projected
-up) or asked of the family (position ids, the pooler's activation), and what a PEFT method
+One module tree serves every family (BERT, RoBERTa, XLM-R, DistilBERT, ELECTRA, DeBERTa-v2);
+what differs is either geometry in `ModelConfig` (no token types, a narrower embedding
+projected up, no absolute positions) or asked of the family (position ids, the pooler's
+activation, its own self-attention: DeBERTa's), and what a PEFT method
 adds is asked of its config at each layer site (`peft`). Parameter paths are what the rest
 of the project matches on, and they do not depend on the family (a family's own tensor
 names live only in its checkpoint key map): a PEFT method's parameters live under its
@@ -45,6 +46,16 @@ class ModelConfig:
   # DistilBERT's `sinusoidal_pos_embds`: a checkpoint lacking position embeddings gets the
   # fixed sine/cosine table instead of an error (the family's `missing_tensor`).
   sinusoidal_positions: bool = False
+  # DeBERTa `position_biased_input` false: no absolute position table (positions enter
+  # through the family's relative attention only).
+  absolute_positions: bool = True
+  # DeBERTa multiplies the normalised embeddings by the attention mask (padding rows 0).
+  mask_embeddings: bool = False
+  # The pooler's activation when config.json names one (DeBERTa `pooler_hidden_act`);
+  # None: the family's `pooler_act`.
+  pooler_act: Optional[str] = None
+  # The family attention's own settings (DeBERTa: deberta_attention.Disentangled).
+  attention_options: Optional[object] = None
 
   @property
   def embedding_width(self) -> int:
@@ -115,25 +126,30 @@ class Embeddings(nn.Module):
   """Word + position (+ token type) embeddings, LayerNorm, dropout (+ projection).
 
   A family without token types (DistilBERT: type_vocab_size 0) has no token-type table and
-  ignores token_type_ids. ELECTRA embeds at `embedding_size`, normalises there, and only
-  then projects to hidden_size (HF `ElectraModel.embeddings_project`, after the dropout).
+  ignores token_type_ids; without absolute positions (DeBERTa-v3) there is no position
+  table; `mask_embeddings` zeroes padding rows after the LayerNorm, as DeBERTa does.
+  ELECTRA embeds at `embedding_size`, normalises there, and only then projects to
+  hidden_size (HF `ElectraModel.embeddings_project`, after the dropout).
   """
 
   config: ModelConfig
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, input_ids_BxT, token_type_ids_BxT, deterministic: bool):
+  def __call__(self, input_ids_BxT, token_type_ids_BxT, deterministic: bool, mask_BxT=None):
     from adapter_tuning.models.families import family_named
     cfg = self.config
     width = cfg.embedding_width
     positions_BxT = family_named(cfg.family).position_ids(input_ids_BxT, cfg)
     x = nn.Embed(cfg.vocab_size, width, name='word_embeddings')(input_ids_BxT)
-    x += nn.Embed(cfg.max_positions, width, name='position_embeddings')(positions_BxT)
+    if cfg.absolute_positions:
+      x += nn.Embed(cfg.max_positions, width, name='position_embeddings')(positions_BxT)
     if cfg.type_vocab_size:
       x += nn.Embed(cfg.type_vocab_size, width,
                     name='token_type_embeddings')(token_type_ids_BxT)
     x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, name='layer_norm')(x)
+    if cfg.mask_embeddings and mask_BxT is not None:
+      x = x * mask_BxT[..., None].astype(x.dtype)
     x = Dropout(cfg.hidden_dropout)(x, deterministic=deterministic)
     if width != cfg.hidden_size:
       x = nn.Dense(cfg.hidden_size, dtype=self.dtype, name='project')(x)
@@ -175,9 +191,12 @@ class SelfAttention(nn.Module):
   index: int = 0  # the layer's index, for the hooks
 
   @nn.compact
-  def __call__(self, x_BxTxD, mask_BxT, deterministic: bool, dropout_rng=None, prefix_kv=None):
+  def __call__(self, x_BxTxD, mask_BxT, deterministic: bool, dropout_rng=None, prefix_kv=None,
+               shared=None):
     """`prefix_kv`: (keys and values [2, P, N, H] every query attends to before its own,
-    which of the P positions are in use [P] or None for all)."""
+    which of the P positions are in use [P] or None for all). `shared`: what a family
+    attention shares across layers (`families.Attention`); always None here."""
+    del shared
     cfg = self.config
     head_dim = cfg.hidden_size // cfg.num_heads
     project = lambda site, x, y: hooked(self.adapter, self.index, site, self.dtype, x, y,
@@ -249,10 +268,15 @@ class TransformerLayer(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x_BxTxD, mask_BxT, deterministic: bool, dropout_rng=None, prefix_kv=None):
+  def __call__(self, x_BxTxD, mask_BxT, deterministic: bool, dropout_rng=None, prefix_kv=None,
+               shared=None):
     """`dropout_rng`: this layer's key; its three dropout masks fold in 0, 1, 2.
-    `prefix_kv`: this layer's attention key/value prefixes (prefix tuning), or None."""
+    `prefix_kv`: this layer's attention key/value prefixes (prefix tuning), or None.
+    `shared`: the family attention's per-encoder inputs (`families.Attention`), or None."""
+    from adapter_tuning.models.families import family_named
     cfg = self.config
+    family_attention = family_named(cfg.family).attention
+    attention_cls = SelfAttention if family_attention is None else family_attention.layer
     key = lambda k: None if dropout_rng is None else jax.random.fold_in(dropout_rng, k)
     drop = lambda y, k: Dropout(cfg.hidden_dropout)(y, deterministic=deterministic, rng=key(k))
     ln = lambda name: nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=self.dtype, name=name)
@@ -268,8 +292,8 @@ class TransformerLayer(nn.Module):
         y_BxTxD = module(y_BxTxD, residual_BxTxD, norm)
       return norm(residual_BxTxD + y_BxTxD)
 
-    a_BxTxD = drop(SelfAttention(cfg, self.dtype, self.adapter, self.index, name='attention')(
-        x_BxTxD, mask_BxT, deterministic, key(0), prefix_kv), 1)
+    a_BxTxD = drop(attention_cls(cfg, self.dtype, self.adapter, self.index, name='attention')(
+        x_BxTxD, mask_BxT, deterministic, key(0), prefix_kv, shared), 1)
     h_BxTxD = add_and_norm('attention', x_BxTxD, a_BxTxD)
 
     dense_hook = lambda x, y: project('intermediate_dense', x, y)
@@ -284,7 +308,8 @@ class TransformerLayer(nn.Module):
 class Encoder(nn.Module):
   """Embeddings, the layer stack and the pooler; returns last hidden state and pooled [CLS].
 
-  The pooler is act(dense([CLS] state)) with the family's `pooler_act`: BERT's tanh pooler,
+  The pooler is act(dense([CLS] state)) with the family's `pooler_act` (or config.json's,
+  `ModelConfig.pooler_act`: DeBERTa's `ContextPooler`): BERT's tanh pooler,
   or for families without one the first layer of their HF sequence classifier (DistilBERT's
   ReLU `pre_classifier`, ELECTRA's GELU `classifier.dense`), so `pooling=pooler` plus our
   linear head is exactly that family's classifier.
@@ -320,26 +345,30 @@ class Encoder(nn.Module):
       token_type_ids_BxT = jnp.zeros_like(input_ids_BxT)
     mask_BxT = attention_mask_BxT.astype(bool)
     x_BxTxD = Embeddings(cfg, self.dtype, name='embeddings')(
-        input_ids_BxT, token_type_ids_BxT, deterministic)
+        input_ids_BxT, token_type_ids_BxT, deterministic, mask_BxT)
+    family = family_named(cfg.family)
+    shared = None if family.attention is None else family.attention.shared(
+        cfg, self.dtype, name='relative_positions')(input_ids_BxT.shape[1])
     layers_rng = None if deterministic else self.make_rng('dropout')
     prefix_module = None if self.adapter is None else self.adapter.encoder_hook(cfg, self.dtype)
     prefix = None if prefix_module is None else prefix_module()  # ([L, 2, P, N, H], [L, P])
     if self.scan and not self.is_initializing():
       x_BxTxD = self._scanned_layers(x_BxTxD, mask_BxT, deterministic, layers_rng,
-                                     prefix)
+                                     prefix, shared)
     else:
       layer_cls = (nn.remat(TransformerLayer, static_argnums=(3,)) if self.remat
                    else TransformerLayer)
       for i in range(cfg.num_layers):
         x_BxTxD = layer_cls(cfg, self.adapter, i, self.dtype, name=f'layer_{i}')(
             x_BxTxD, mask_BxT, deterministic, _layer_rng(layers_rng, i),
-            None if prefix is None else jax.tree.map(lambda a, i=i: a[i], prefix))
-    pooler_act = ACTIVATIONS[family_named(cfg.family).pooler_act]
+            None if prefix is None else jax.tree.map(lambda a, i=i: a[i], prefix), shared)
+    pooler_act = ACTIVATIONS[cfg.pooler_act or family.pooler_act]
     pooled_BxD = pooler_act(nn.Dense(cfg.hidden_size, dtype=self.dtype, name='pooler')(
         x_BxTxD[:, 0]))
     return {'last_hidden_state': x_BxTxD, 'pooled': pooled_BxD}
 
-  def _scanned_layers(self, x_BxTxD, mask_BxT, deterministic, layers_rng, prefix_kv=None):
+  def _scanned_layers(self, x_BxTxD, mask_BxT, deterministic, layers_rng, prefix_kv=None,
+                      shared=None):
     params = self.variables['params']
     layers = [params[f'layer_{i}'] for i in range(self.config.num_layers)]
     for first, last in _uniform_runs(layers):
@@ -348,7 +377,7 @@ class Encoder(nn.Module):
       def body(x, per_layer, layer=layer):
         layer_params, i, kv = per_layer
         return layer.apply({'params': layer_params}, x, mask_BxT, deterministic,
-                           _layer_rng(layers_rng, i), kv), None
+                           _layer_rng(layers_rng, i), kv, shared), None
 
       if self.remat:
         body = jax.checkpoint(body)

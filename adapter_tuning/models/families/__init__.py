@@ -4,7 +4,8 @@ A family is the `model_type` of a Hugging Face `config.json` plus the few facts 
 differ between checkpoints of that type: how its config.json reads into a `ModelConfig`,
 where each Flax parameter lives in its state dict (the key map), how position ids are
 made, how its tokenizer wraps one or two texts in special tokens, and the activation of
-the first layer of its sequence classifier (our pooler). The encoder, the
+the first layer of its sequence classifier (our pooler), and, where it is not BERT's, its
+self-attention (`Attention`: DeBERTa's relative-position attention). The encoder, the
 checkpoint reader, the tokenizer and the AdapterHub converter ask the family for these
 and never test family names themselves, so a new family is one new module here plus one
 entry in `families()`.
@@ -16,6 +17,19 @@ import dataclasses
 from typing import Callable
 
 from adapter_tuning.errors import UsageError
+
+
+@dataclasses.dataclass(frozen=True)
+class Attention:
+  """A family's own self-attention, in place of `encoder.SelfAttention`.
+
+  `shared` is built once per encoder (Flax scope `relative_positions`) and called with the
+  sequence length; what it returns (e.g. a relative-position table) is passed to every
+  layer's `layer` module, which takes SelfAttention's fields and call plus `shared=`.
+  """
+
+  shared: Callable  # nn.Module class: (ModelConfig, dtype) -> __call__(length) -> pytree
+  layer: Callable  # nn.Module class: SelfAttention's fields; __call__(..., shared=)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +52,7 @@ class Family:
   pooler_act: str = 'tanh'  # ACTIVATIONS name after the pooler's dense layer
   missing_tensor: Callable = lambda path, config: None  # (Flax path, ModelConfig) -> the
   # value HF computes for a tensor a checkpoint may omit, or None (omitting it is an error)
+  attention: Attention | None = None  # None: BERT's softmax attention (encoder.SelfAttention)
 
 
 def model_types() -> str:
@@ -47,8 +62,10 @@ def model_types() -> str:
 
 def families() -> tuple[Family, ...]:
   # lazy: they import the encoder
-  from adapter_tuning.models.families import bert, distilbert, electra, roberta, xlm_roberta
-  return (bert.FAMILY, roberta.FAMILY, xlm_roberta.FAMILY, distilbert.FAMILY, electra.FAMILY)
+  from adapter_tuning.models.families import (bert, deberta_v2, distilbert, electra, roberta,
+                                              xlm_roberta)
+  return (bert.FAMILY, roberta.FAMILY, xlm_roberta.FAMILY, distilbert.FAMILY, electra.FAMILY,
+          deberta_v2.FAMILY)
 
 
 def family_named(name: str) -> Family:
