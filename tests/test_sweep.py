@@ -461,14 +461,3 @@ def test_demo_sweep_end_to_end(tmp_path):
   r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
   assert r.returncode == 0 and r.stdout.count('done already, skipped') == 2, r.stdout
 
-
-def test_method_labels_name_every_peft_method():
-  from launch.results import method_of
-  none = {'adapter': {'placement': 'none'}}
-  assert method_of({'trainable': 'adapters', 'model': {}}) == 'adapters'
-  assert method_of({'trainable': 'peft', 'model': {**none, 'lora': {'rank': 8}}}) == 'lora (peft)'
-  assert method_of({'trainable': 'peft', 'model': {**none, 'prefix': {'length': 30}}}) == \
-      'prefix (peft)'
-  mam = {'adapter': {'placement': 'parallel_ffn', 'scaling': 4.0}, 'prefix': {'length': 30}}
-  assert method_of({'trainable': 'peft', 'model': mam}) == 'parallel_ffn x4+prefix (peft)'
-  assert method_of({'trainable': 'bitfit', 'model': none}) == 'bitfit'
