@@ -197,7 +197,7 @@ def test_config_reader_and_key_map():
   config = family.read_config({'model_type': 'deberta-v2', **TINY, **V3}, 'config.json')
   assert (config.type_vocab_size, config.absolute_positions, config.layer_norm_eps,
           config.pooler_act) == (0, False, 1e-7, 'gelu')
-  options = config.attention_options
+  options = config.family_options
   assert (options.span, options.scale_factor, options.max_relative_positions,
           options.share_att_key, options.norm_rel_embeddings) == (256, 3, 64, True, True)
   assert family.checkpoint_key(('layer_1', 'attention', 'key', 'kernel')) == (

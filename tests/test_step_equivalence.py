@@ -92,7 +92,7 @@ def test_scanned_layers_match_the_unrolled_stack(setup):
 
 def test_uniform_runs_split_where_layer_shapes_change():
   layer = lambda adapter: {'w': np.zeros((2, 2))} | ({'adapter': np.zeros(3)} if adapter else {})
-  runs = modeling._uniform_runs([layer(a) for a in (0, 0, 0, 1, 1, 0)])
+  runs = modeling._uniform_runs([layer(a) for a in (0, 0, 0, 1, 1, 0)], [None] * 6)
   assert runs == [(0, 2), (3, 4), (5, 5)]
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import pathlib
 
@@ -137,6 +138,11 @@ def checkpoint_key(path: tuple[str, ...], family: str) -> tuple[str, str]:
 
 
 def _convert(value: np.ndarray, kind: str, target_shape: tuple[int, ...], leaf: str):
+  """One HF tensor -> one Flax param; 'KIND:i' takes the i-th third of its rows first (a
+  fused projection such as ModernBERT's Wqkv loaded as query, key, value)."""
+  kind, _, part = kind.partition(':')
+  if part:
+    value = np.split(value, 3, axis=0)[int(part)]
   if kind == 'linear' and leaf == 'kernel':
     value = value.T
   elif kind == 'attn_in':  # torch [N*H, D] -> flax [D, N, H]; bias [N*H] -> [N, H]
@@ -203,11 +209,12 @@ def export_encoder_state(params: dict, family: str) -> dict[str, np.ndarray]:
   """
   import flax.traverse_util as tu
   family_spec = family_named(family)
-  state = {}
+  state, thirds = {}, {}
   for path, value in tu.flatten_dict(params).items():
     if peft.is_method_param(path):
       continue
     key, kind = family_spec.checkpoint_key(path)
+    kind, _, part = kind.partition(':')
     value = np.asarray(value, np.float32)
     leaf = path[-1]
     if kind == 'attn_in':
@@ -216,5 +223,166 @@ def export_encoder_state(params: dict, family: str) -> dict[str, np.ndarray]:
       value = value.reshape(-1, value.shape[-1]).T
     elif kind in ('linear', 'attn_out') and leaf == 'kernel':
       value = value.T
-    state[key] = np.ascontiguousarray(value)
+    if part:  # a third of a fused tensor: joined below, in order
+      thirds.setdefault(key, {})[int(part)] = value
+    else:
+      state[key] = np.ascontiguousarray(value)
+  for key, parts in thirds.items():
+    state[key] = np.ascontiguousarray(np.concatenate([parts[i] for i in sorted(parts)]))
   return state
+
+
+class SliceReader:
+  """Reads whole tensors or slices of them from a checkpoint's safetensors files, counting
+  the bytes it reads (`bytes_read`), so a process can fetch only what its devices hold.
+
+  Keys are looked up without the family's prefix, as `convert_encoder_params` does. A
+  `pytorch_model.bin` checkpoint cannot be sliced (pickle): `open` returns None for it and
+  the caller loads it whole.
+  """
+
+  def __init__(self, files: dict[str, pathlib.Path], keys: dict[str, str]):
+    self._files = files  # checkpoint key -> file
+    self.keys = keys  # key without prefix -> checkpoint key
+    self._handles: dict[pathlib.Path, object] = {}
+    self.bytes_read = 0
+
+  @classmethod
+  def open(cls, directory: pathlib.Path, prefixes: tuple[str, ...]) -> 'SliceReader | None':
+    from safetensors import safe_open
+    paths = weight_files(directory)
+    if any(p.suffix == '.bin' for p in paths):
+      return None
+    files = {}
+    for path in paths:
+      if not path.exists():
+        raise UsageError(f'weight shard {path} listed in the index is missing; re-download it')
+      try:
+        with safe_open(str(path), 'numpy') as f:
+          files.update(dict.fromkeys(f.keys(), path))
+      except Exception as e:  # pylint: disable=broad-except
+        raise UsageError(f'cannot read {path} ({e}); the file is corrupt or not safetensors: '
+                         're-download or re-save the checkpoint') from None
+    stripped = _strip_prefix(dict.fromkeys(files), prefixes)  # same order, keys renamed
+    return cls(files, dict(zip(stripped, files)))
+
+  def _slice(self, key: str):
+    from safetensors import safe_open
+    path = self._files[self.keys[key]]
+    if path not in self._handles:
+      self._handles[path] = safe_open(str(path), 'numpy')
+    return self._handles[path].get_slice(self.keys[key])
+
+  def shape(self, key: str) -> tuple[int, ...]:
+    return tuple(self._slice(key).get_shape())
+
+  def read(self, key: str, index: tuple[slice, ...] | None = None) -> np.ndarray:
+    """The tensor, or the part `index` (one slice per dimension) of it."""
+    part = self._slice(key)
+    value = np.asarray(part[index] if index is not None else part[:])
+    self.bytes_read += value.nbytes
+    return value
+
+
+def _split_groups(view: tuple[int, ...], target: tuple[int, ...]):
+  """The target dimensions each view dimension is reshaped into (view [N*H] -> target
+  [N, H]: [[0, 1]]), or None when the reshape merges dimensions."""
+  groups, t = [], 0
+  for size in view:
+    dims, product = [], 1
+    while t < len(target) and (product < size or not dims):
+      product *= target[t]
+      dims.append(t)
+      t += 1
+    if product != size:
+      return None
+    groups.append(dims)
+  return groups if t == len(target) else None
+
+
+def read_converted(reader: SliceReader, key: str, kind: str, leaf: str,
+                   target: tuple[int, ...], index: tuple[slice, ...]) -> np.ndarray:
+  """`_convert(tensor, kind, target)[index]` in float32, reading from the file only the part
+  of the tensor that `index` needs when one target dimension is cut and that dimension
+  starts its group of the reshape (always so for the dimension `parallel.fsdp_spec`
+  picks in a real base: the hidden, intermediate or vocabulary axis). Anything else reads
+  the tensor whole and cuts it after converting."""
+  source = reader.shape(key)
+  if math.prod(source) != math.prod(target):
+    raise ValueError
+  transposed = leaf == 'kernel' and kind in ('linear', 'attn_in', 'attn_out')
+  view = tuple(reversed(source)) if transposed else source
+  bounds = [s.indices(n)[:2] for s, n in zip(index, target)]
+  cut = [d for d, (lo, hi) in enumerate(bounds) if (lo, hi) != (0, target[d])]
+  groups = _split_groups(view, target)
+  group = None if len(cut) != 1 or groups is None else next(
+      (g for g, dims in enumerate(groups) if dims[0] == cut[0]), None)
+  if group is None:
+    whole = _convert(reader.read(key), kind, target, leaf)
+    return np.asarray(whole[tuple(slice(lo, hi) for lo, hi in bounds)], np.float32)
+  d = cut[0]
+  inner = math.prod(target[t] for t in groups[group][1:])
+  lo, hi = bounds[d]
+  source_dim = len(source) - 1 - group if transposed else group
+  part = [slice(None)] * len(source)
+  part[source_dim] = slice(lo * inner, hi * inner)
+  value = reader.read(key, tuple(part))
+  value = value.T if transposed else value
+  shape = list(target)
+  shape[d] = hi - lo
+  return value.reshape(shape).astype(np.float32)
+
+
+def load_encoder_sharded(directory: pathlib.Path, shapes, family: str, config: ModelConfig,
+                         sharding_of) -> tuple[dict, list[str], SliceReader] | None:
+  """The encoder's (non-PEFT) params born as sharded jax.Arrays: each process reads from the
+  safetensors files only the slices its own devices hold (`jax.make_array_from_callback`),
+  so no host materialises the whole base. None for a `.bin` checkpoint (not sliceable).
+
+  Args:
+    shapes: nested dict of ShapeDtypeStructs of the encoder params (from `eval_shape`).
+    sharding_of: path tuple -> the jax Sharding that param is born with.
+
+  Returns:
+    (params, unused checkpoint tensors, the reader: `bytes_read` says how much was read).
+  """
+  import flax.traverse_util as tu
+  import jax
+  family_spec = family_named(family)
+  reader = SliceReader.open(directory, family_spec.key_prefixes + ('model.',))
+  if reader is None:
+    return None
+  params, used = {}, set()
+  for path, spec in tu.flatten_dict(shapes).items():
+    if peft.is_method_param(path):
+      continue
+    key, kind = family_spec.checkpoint_key(path)
+    sharding = sharding_of(path)
+    if key not in reader.keys:
+      computed = None if path[0] == 'pooler' else family_spec.missing_tensor(path, config)
+      if path[0] == 'pooler' and computed is None:
+        continue  # checkpoints saved without a pooler: the caller keeps its fresh init
+      if computed is None:
+        raise UsageError(f'checkpoint {directory} lacks tensor {key!r} needed for '
+                         f'{"/".join(path)}; is it a {family} encoder checkpoint?')
+      value = np.asarray(computed, np.float32).reshape(spec.shape)
+      params[path] = jax.make_array_from_callback(spec.shape, sharding, lambda i, v=value: v[i])
+      continue
+    cache = {}  # a shard several devices hold (data x fsdp) is read once
+
+    def read(index, key=key, kind=kind, leaf=path[-1], target=tuple(spec.shape), cache=cache):
+      bounds = tuple(s.indices(n)[:2] for s, n in zip(index, target))
+      if bounds not in cache:
+        cache[bounds] = read_converted(reader, key, kind, leaf, target, index)
+      return cache[bounds]
+
+    try:
+      params[path] = jax.make_array_from_callback(spec.shape, sharding, read)
+    except ValueError:
+      raise UsageError(f'tensor {key!r} in {directory} has shape {reader.shape(key)} but '
+                       f'config.json implies {spec.shape} for {"/".join(path)}; the weights '
+                       'and config.json do not match') from None
+    used.add(reader.keys[key])
+  unused = sorted(k for k in reader.keys.values()
+                  if k not in used and not k.endswith('position_ids'))
+  return tu.unflatten_dict(params), unused, reader

@@ -15,6 +15,7 @@ import pathlib
 import shutil
 
 import flax.traverse_util as tu
+import jax
 import numpy as np
 
 from adapter_tuning import fileio, peft
@@ -55,7 +56,7 @@ def build(meta: dict, params: dict, base_dir: pathlib.Path) -> tuple[dict, dict]
                      'classifiers read the pooler over [CLS]: train with model.head.pooling=pooler')
   config, encoder = merged_encoder(meta, params, base_dir)
   family = family_named(config.family)
-  pooler = {k: np.asarray(v) for k, v in encoder['pooler'].items()}
+  pooler = jax.tree.map(np.asarray, encoder['pooler'])
   head = {k: np.asarray(v) for k, v in params['head'].items()}
   architecture, classifier, keep_pooler = family.sequence_classifier(pooler, head)
   body = hf_checkpoint.export_encoder_state(

@@ -102,7 +102,7 @@ def init_params(model: Encoder, seed: int) -> dict:
 
   Shapes come from `eval_shape` (no compile); the PEFT method's params from its
   `init_layer` (bottleneck: `init_kernels`, NumPy). A pooler that the checkpoint lacks keeps a BERT-style
-  N(0, 0.02) init.
+  N(0, 0.02) init (and its LayerNorm, where the family has one, unit scale).
   """
   ids = jnp.zeros((1, 8), jnp.int32)
   shapes = jax.eval_shape(model.init, jax.random.PRNGKey(seed), ids, ids, ids)['params']
@@ -114,5 +114,7 @@ def init_params(model: Encoder, seed: int) -> dict:
     a.init_encoder(params)
   pooler = params['pooler']['kernel']
   pooler[...] = np.random.default_rng((seed, 10_000)).normal(0.0, 0.02, pooler.shape)
+  if 'norm' in params['pooler']:  # ModernBERT's head.norm: the identity LayerNorm
+    params['pooler']['norm']['scale'][...] = 1.0
   return params
 

@@ -40,7 +40,7 @@ POSITION_TERMS = ('c2p', 'p2c')
 
 @dataclasses.dataclass(frozen=True)
 class Disentangled:
-  """DeBERTa's attention settings (`ModelConfig.attention_options`), resolved from
+  """DeBERTa's attention settings (`ModelConfig.family_options`), resolved from
   config.json the way DebertaV2Config/DisentangledSelfAttention resolve them."""
 
   relative: bool = True  # `relative_attention`: False = content logits only
@@ -95,7 +95,7 @@ class RelativeEmbeddings(nn.Module):
 
   @nn.compact
   def __call__(self, length: int) -> Optional[dict]:
-    options = self.config.attention_options
+    options = self.config.family_options
     if not options.relative:
       return None
     table_PxD = self.param('embeddings', nn.initializers.normal(0.02),
@@ -149,7 +149,7 @@ class DisentangledSelfAttention(nn.Module):
     if prefix_kv is not None:
       raise UsageError('prefix tuning is not supported on DeBERTa (relative positions of '
                        'prefix keys are undefined); use LoRA, IA³ or bottleneck adapters')
-    cfg, options = self.config, self.config.attention_options
+    cfg, options = self.config, self.config.family_options
     head_dim = cfg.hidden_size // cfg.num_heads
     scale = math.sqrt(head_dim * options.scale_factor)
 

@@ -54,8 +54,18 @@ class ModelConfig:
   # The pooler's activation when config.json names one (DeBERTa `pooler_hidden_act`);
   # None: the family's `pooler_act`.
   pooler_act: Optional[str] = None
-  # The family attention's own settings (DeBERTa: deberta_attention.Disentangled).
-  attention_options: Optional[object] = None
+  # The family's own layer settings (DeBERTa: deberta_attention.Disentangled; ModernBERT:
+  # modernbert_layer.Options).
+  family_options: Optional[object] = None
+  # Pre-LN families (ModernBERT): LayerNorms without a bias, a LayerNorm after the last layer.
+  norm_bias: bool = True
+  final_norm: bool = False
+  # The pooler: what its dense layer reads ('cls': the first token; 'mean': the mean over real
+  # tokens, ModernBERT's classifier_pooling), whether it has a bias, and whether a LayerNorm
+  # follows its activation (ModernBERT's head.norm).
+  pooler_input: str = 'cls'
+  pooler_bias: bool = True
+  pooler_norm: bool = False
 
   @property
   def embedding_width(self) -> int:
@@ -147,7 +157,7 @@ class Embeddings(nn.Module):
     if cfg.type_vocab_size:
       x += nn.Embed(cfg.type_vocab_size, width,
                     name='token_type_embeddings')(token_type_ids_BxT)
-    x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, name='layer_norm')(x)
+    x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, use_bias=cfg.norm_bias, name='layer_norm')(x)
     if cfg.mask_embeddings and mask_BxT is not None:
       x = x * mask_BxT[..., None].astype(x.dtype)
     x = Dropout(cfg.hidden_dropout)(x, deterministic=deterministic)
@@ -158,6 +168,7 @@ class Embeddings(nn.Module):
 
 def folded_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, mask_BxT, drop_probs):
   """Softmax attention with dropout on the probabilities, heads folded into the batch.
+  The mask is per key [B, S] or per query and key [B, T, S] (ModernBERT's sliding window).
 
   [B*N, T, H] operands make both attention matmuls plain batched matmuls, which XLA:CPU
   runs ~1.5x faster than the equivalent 4-D einsums; the 1/sqrt(H) scale is applied to q
@@ -171,7 +182,8 @@ def folded_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, mask_BxT, drop_probs):
   logits_BxNxTxT = jax.lax.dot_general(
       q, fold(k_BxTxNxH), (((2,), (2,)), ((0,), (0,)))).reshape(b, n, t, s)
   big_neg = jnp.finfo(logits_BxNxTxT.dtype).min
-  logits_BxNxTxT = jnp.where(mask_BxT[:, None, None, :], logits_BxNxTxT, big_neg)
+  key_mask = mask_BxT[:, None] if mask_BxT.ndim == 3 else mask_BxT[:, None, None, :]
+  logits_BxNxTxT = jnp.where(key_mask, logits_BxNxTxT, big_neg)
   probs_BxNxTxT = drop_probs(jax.nn.softmax(logits_BxNxTxT.astype(jnp.float32), axis=-1))
   out = jax.lax.dot_general(probs_BxNxTxT.astype(v_BxTxNxH.dtype).reshape(b * n, t, s),
                             fold(v_BxTxNxH), (((2,), (1,)), ((0,), (0,))))
@@ -315,7 +327,8 @@ class Encoder(nn.Module):
   linear head is exactly that family's classifier.
 
   Attributes:
-    remat: rematerialise each layer in the backward pass (less memory, ~1/3 more compute).
+    remat: rematerialise each layer in the backward pass (less memory, ~1/3 more compute),
+      with a `remat_policy` saying what each layer keeps (`REMAT_POLICIES`).
     scan: run runs of identically shaped layers as one `lax.scan` over their stacked
       parameters, so the program holds one layer body instead of num_layers copies.
       Measured on XLA:CPU (BENCHMARKS.md): BERT-base steps faster, MiniLM steps and every
@@ -333,7 +346,7 @@ class Encoder(nn.Module):
   config: ModelConfig
   adapter: Optional[object] = None  # a peft method config (bottleneck.AdapterConfig)
   dtype: jnp.dtype = jnp.float32
-  remat: bool = False
+  remat: bool | str = False  # a `remat_policy` name; True = 'full', False = 'none'
   scan: bool = False
 
   @nn.compact
@@ -356,37 +369,81 @@ class Encoder(nn.Module):
       x_BxTxD = self._scanned_layers(x_BxTxD, mask_BxT, deterministic, layers_rng,
                                      prefix, shared)
     else:
-      layer_cls = (nn.remat(TransformerLayer, static_argnums=(3,)) if self.remat
-                   else TransformerLayer)
+      remat, policy = remat_policy(self.remat)
+      layer_cls = (nn.remat(family_layer(cfg), static_argnums=(3,), policy=policy) if remat
+                   else family_layer(cfg))
       for i in range(cfg.num_layers):
         x_BxTxD = layer_cls(cfg, self.adapter, i, self.dtype, name=f'layer_{i}')(
             x_BxTxD, mask_BxT, deterministic, _layer_rng(layers_rng, i),
             None if prefix is None else jax.tree.map(lambda a, i=i: a[i], prefix), shared)
-    pooler_act = ACTIVATIONS[cfg.pooler_act or family.pooler_act]
-    pooled_BxD = pooler_act(nn.Dense(cfg.hidden_size, dtype=self.dtype, name='pooler')(
-        x_BxTxD[:, 0]))
+    if cfg.final_norm:
+      x_BxTxD = nn.LayerNorm(epsilon=cfg.layer_norm_eps, use_bias=cfg.norm_bias, dtype=self.dtype,
+                             name='final_layer_norm')(x_BxTxD)
+    pooled_BxD = Pooler(cfg, cfg.pooler_act or family.pooler_act, self.dtype, name='pooler')(
+        x_BxTxD, mask_BxT)
     return {'last_hidden_state': x_BxTxD, 'pooled': pooled_BxD}
 
   def _scanned_layers(self, x_BxTxD, mask_BxT, deterministic, layers_rng, prefix_kv=None,
                       shared=None):
     params = self.variables['params']
     layers = [params[f'layer_{i}'] for i in range(self.config.num_layers)]
-    for first, last in _uniform_runs(layers):
-      layer = TransformerLayer(self.config, self.adapter, first, self.dtype, parent=None)
+    variant = getattr(family_layer(self.config), 'variant', lambda config, index: None)
+    variants = [variant(self.config, i) for i in range(len(layers))]
+    for first, last in _uniform_runs(layers, variants):
+      layer = family_layer(self.config)(self.config, self.adapter, first, self.dtype,
+                                        parent=None)
 
       def body(x, per_layer, layer=layer):
         layer_params, i, kv = per_layer
         return layer.apply({'params': layer_params}, x, mask_BxT, deterministic,
                            _layer_rng(layers_rng, i), kv, shared), None
 
-      if self.remat:
-        body = jax.checkpoint(body)
+      remat, policy = remat_policy(self.remat)
+      if remat:
+        body = jax.checkpoint(body, policy=policy)
       stacked = jax.tree.map(lambda *xs: jnp.stack(xs),
                              *[params[f'layer_{i}'] for i in range(first, last + 1)])
       kv = None if prefix_kv is None else jax.tree.map(lambda a, f=first, l=last: a[f:l + 1],
                                                        prefix_kv)
       x_BxTxD, _ = jax.lax.scan(body, x_BxTxD, (stacked, jnp.arange(first, last + 1), kv))
     return x_BxTxD
+
+
+class Pooler(nn.Module):
+  """act(dense(first token or masked mean)) (+ LayerNorm): the first layer of a family's
+  sequence classifier. Params `kernel`, `bias` as nn.Dense's (so BERT's pooler paths are
+  nn.Dense's), ModernBERT's `norm/`."""
+
+  config: ModelConfig
+  act: str
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxTxD, mask_BxT):
+    cfg = self.config
+    if cfg.pooler_input == 'mean':
+      m_BxTx1 = mask_BxT[..., None].astype(x_BxTxD.dtype)
+      x_BxD = (x_BxTxD * m_BxTx1).sum(1) / jnp.maximum(m_BxTx1.sum(1), 1)
+    else:
+      x_BxD = x_BxTxD[:, 0]
+    kernel = self.param('kernel', nn.initializers.lecun_normal(),
+                        (x_BxD.shape[-1], cfg.hidden_size))
+    y_BxD = jnp.dot(x_BxD.astype(self.dtype), kernel.astype(self.dtype))
+    if cfg.pooler_bias:
+      y_BxD += self.param('bias', nn.initializers.zeros_init(), (cfg.hidden_size,)
+                          ).astype(self.dtype)
+    y_BxD = ACTIVATIONS[self.act](y_BxD)
+    if cfg.pooler_norm:
+      y_BxD = nn.LayerNorm(epsilon=cfg.layer_norm_eps, use_bias=cfg.norm_bias, dtype=self.dtype,
+                           name='norm')(y_BxD)
+    return y_BxD
+
+
+def family_layer(cfg: ModelConfig):
+  """The transformer layer module of cfg's family: its own (ModernBERT's pre-LN layer) or
+  BERT's post-LN `TransformerLayer`."""
+  from adapter_tuning.models.families import family_named
+  return family_named(cfg.family).layer or TransformerLayer
 
 
 def with_prefix(prefix_kv, k_BxTxNxH, v_BxTxNxH, mask_BxT):
@@ -403,18 +460,41 @@ def with_prefix(prefix_kv, k_BxTxNxH, v_BxTxNxH, mask_BxT):
           jnp.concatenate([keep_BxP, mask_BxT], axis=1))
 
 
+# `model.remat` names: what each layer keeps from its forward pass for the backward pass.
+# full keeps only its input (recomputes everything: least memory, ~1/3 more compute);
+# dots_saveable keeps every matmul output and recomputes the cheap elementwise rest (layer
+# norms, GELU, dropout masks, softmax); the others are jax.checkpoint_policies of that name.
+REMAT_POLICIES = ('none', 'full', 'dots_saveable', 'dots_with_no_batch_dims_saveable',
+                  'nothing_saveable', 'everything_saveable')
+
+
+def remat_policy(remat) -> tuple[bool, object]:
+  """(rematerialise?, jax.checkpoint policy or None) for a `model.remat` value; the
+  booleans of older configs mean full (True) and none (False)."""
+  if remat is True or remat == 'full':
+    return True, None
+  if remat is False or remat == 'none':
+    return False, None
+  if remat not in REMAT_POLICIES:
+    from adapter_tuning.errors import UsageError
+    raise UsageError(f'model.remat={remat!r} is not a remat policy; use one of '
+                     f'{", ".join(REMAT_POLICIES)}')
+  return True, getattr(jax.checkpoint_policies, remat)
+
+
 def _layer_rng(layers_rng, index):
   return None if layers_rng is None else jax.random.fold_in(layers_rng, index)
 
 
-def _uniform_runs(layer_params: list) -> list[tuple[int, int]]:
-  """(first, last) index of each maximal run of layers with identical parameter shapes
-  (layers differ where adapters sit in some layers only)."""
-  signature = lambda p: (jax.tree.structure(p),
-                         tuple((x.shape, x.dtype) for x in jax.tree.leaves(p)))
+def _uniform_runs(layer_params: list, variants: list) -> list[tuple[int, int]]:
+  """(first, last) index of each maximal run of layers with identical parameter shapes and
+  the same variant (layers differ where adapters sit in some layers only; a family's layer
+  may compute differently by index: ModernBERT's global and sliding-window layers)."""
+  signature = lambda i: (jax.tree.structure(layer_params[i]), variants[i],
+                         tuple((x.shape, x.dtype) for x in jax.tree.leaves(layer_params[i])))
   runs = []
-  for i, p in enumerate(layer_params):
-    if runs and signature(layer_params[runs[-1][0]]) == signature(p):
+  for i in range(len(layer_params)):
+    if runs and signature(runs[-1][0]) == signature(i):
       runs[-1] = (runs[-1][0], i)
     else:
       runs.append((i, i))

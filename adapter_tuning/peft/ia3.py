@@ -77,7 +77,8 @@ def merge(encoder_params: dict, config: IA3Config, num_layers: int) -> dict:
       scale = flat.pop((f'layer_{layer}',) + _SCOPE[site] + (f'{site}{PARAM_MARKER}', 'scale'))
       owner = (f'layer_{layer}',) + _OWNER[site]
       flat[owner + ('kernel',)] = flat[owner + ('kernel',)] * scale
-      flat[owner + ('bias',)] = flat[owner + ('bias',)] * scale
+      if owner + ('bias',) in flat:  # ModernBERT's projections have none
+        flat[owner + ('bias',)] = flat[owner + ('bias',)] * scale
   return tu.unflatten_dict(flat)
 
 

@@ -5,7 +5,8 @@ differ between checkpoints of that type: how its config.json reads into a `Model
 where each Flax parameter lives in its state dict (the key map), how position ids are
 made, how its tokenizer wraps one or two texts in special tokens, and the activation of
 the first layer of its sequence classifier (our pooler), and, where it is not BERT's, its
-self-attention (`Attention`: DeBERTa's relative-position attention). The encoder, the
+self-attention (`Attention`: DeBERTa's relative-position attention) or its whole layer
+(ModernBERT's pre-LN layer). The encoder, the
 checkpoint reader, the tokenizer and the AdapterHub converter ask the family for these
 and never test family names themselves, so a new family is one new module here plus one
 entry in `families()`.
@@ -53,6 +54,8 @@ class Family:
   missing_tensor: Callable = lambda path, config: None  # (Flax path, ModelConfig) -> the
   # value HF computes for a tensor a checkpoint may omit, or None (omitting it is an error)
   attention: Attention | None = None  # None: BERT's softmax attention (encoder.SelfAttention)
+  layer: Callable | None = None  # nn.Module class with TransformerLayer's fields and call:
+  # the family's own layer (ModernBERT's pre-LN layer); None: encoder.TransformerLayer
 
 
 def model_types() -> str:
@@ -62,10 +65,10 @@ def model_types() -> str:
 
 def families() -> tuple[Family, ...]:
   # lazy: they import the encoder
-  from adapter_tuning.models.families import (bert, deberta_v2, distilbert, electra, roberta,
-                                              xlm_roberta)
+  from adapter_tuning.models.families import (bert, deberta_v2, distilbert, electra,
+                                              modernbert, roberta, xlm_roberta)
   return (bert.FAMILY, roberta.FAMILY, xlm_roberta.FAMILY, distilbert.FAMILY, electra.FAMILY,
-          deberta_v2.FAMILY)
+          deberta_v2.FAMILY, modernbert.FAMILY)
 
 
 def family_named(name: str) -> Family:

@@ -93,7 +93,7 @@ def read_config(hf: dict, source) -> ModelConfig:
       absolute_positions=bool(hf.get('position_biased_input', True)),
       mask_embeddings=True,
       pooler_act=bert.activation(hf, 'pooler_hidden_act', source),
-      attention_options=attention_options(hf, source),
+      family_options=attention_options(hf, source),
   )
 
 
