@@ -229,10 +229,60 @@ def test_prefix_tuning_is_refused_in_one_line(tmp_path, minilm_dir):
   assert '\n' not in str(e.value)
 
 
-def test_spm_model_only_names_the_fix(tmp_path, minilm_dir):
+def test_broken_spm_model_is_a_one_line_error(tmp_path, minilm_dir):
   _, directory = _deberta(tmp_path, minilm_dir, **V3)
   (directory / 'tokenizer.json').unlink()
-  (directory / 'spm.model').write_bytes(b'not read')
-  with pytest.raises(UsageError, match=r'spm.model .*save_pretrained') as e:
+  (directory / 'spm.model').write_bytes(b'not a sentencepiece model')
+  with pytest.raises(UsageError, match=r'spm.model is not a readable SentencePiece model') as e:
     load_pretrained(directory)
   assert '\n' not in str(e.value)
+
+
+def _train_spm(directory, **options):
+  """A small unigram spm.model with DeBERTa-v3's special pieces ([PAD] 0, [CLS] 1, [SEP] 2,
+  [UNK] 3, [MASK]), trained here: no download."""
+  import io
+  import sentencepiece
+  corpus = SENTENCES + PAIRS + ['Ünïcödé  text, with   spaces and ＦＵＬＬＷＩＤＴＨ letters!',
+                                'tokenizers normalise; sentencepiece decides.'] * 20
+  model = io.BytesIO()
+  sentencepiece.SentencePieceTrainer.train(
+      sentence_iterator=iter(corpus), model_writer=model, vocab_size=120, model_type='unigram',
+      pad_id=0, pad_piece='[PAD]', bos_id=1, bos_piece='[CLS]', eos_id=2, eos_piece='[SEP]',
+      unk_id=3, unk_piece='[UNK]', user_defined_symbols=['[MASK]'], hard_vocab_limit=False,
+      minloglevel=2, **options)
+  (directory / 'spm.model').write_bytes(model.getvalue())
+  return directory / 'spm.model'
+
+
+@pytest.mark.parametrize('lower', [False, True])
+def test_spm_model_tokenizes_as_transformers_sentencepiece_tokenizer(tmp_path, lower):
+  """A folder with only spm.model (as the DeBERTa-v3 hub repos ship) tokenises exactly as
+  transformers' SentencePiece-based DebertaV2Tokenizer: ids and token types, pairs too."""
+  from adapter_tuning.interop.tokenization import load_tokenizer
+  path = _train_spm(tmp_path)
+  ours = load_tokenizer(tmp_path, 'deberta-v2', 0) if not lower else None
+  if lower:
+    (tmp_path / 'tokenizer_config.json').write_text('{"do_lower_case": true}')
+    ours = load_tokenizer(tmp_path, 'deberta-v2', 0)
+  reference = transformers.DebertaV2Tokenizer(str(path), do_lower_case=lower)
+  texts = SENTENCES + ['Ünïcödé  text, with   spaces and ＦＵＬＬＷＩＤＴＨ letters!  ',
+                       'unseen wörds: zebra-crossing 42']
+  ids, types = ours.tokenize(texts, texts[::-1], max_length=128)
+  expected = reference(texts, texts[::-1], return_token_type_ids=True)
+  assert [list(x) for x in ids] == expected['input_ids']
+  assert [list(x) for x in types] == expected['token_type_ids']
+  single, _ = ours.tokenize(texts, None, max_length=128)
+  assert [list(x) for x in single] == reference(texts)['input_ids']
+
+
+def test_deberta_folder_with_only_spm_model_loads(tmp_path, minilm_dir):
+  model, directory = _deberta(tmp_path, minilm_dir, **V3)
+  (directory / 'tokenizer.json').unlink()
+  _train_spm(directory)
+  ours = load_pretrained(directory)
+  batch = ours.encode(SENTENCES, PAIRS, max_length=48)
+  assert batch['input_ids'].max() < 120 and (batch['input_ids'][:, 0] == 1).all()
+  hidden, _ = _hf_forward(model, batch)
+  mask = batch['attention_mask'].astype(bool)
+  np.testing.assert_allclose(batch['last_hidden_state'][mask], hidden[mask], atol=1e-4, rtol=0)

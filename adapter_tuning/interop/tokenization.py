@@ -2,7 +2,8 @@
 
 Tokenising must match what the checkpoint was trained with, so we load the checkpoint's
 `tokenizer.json` when it has one, and otherwise rebuild the same pipeline from `vocab.txt`
-(BERT WordPiece) or `vocab.json` + `merges.txt` (RoBERTa byte-level BPE). Padding and
+(BERT WordPiece), `vocab.json` + `merges.txt` (RoBERTa byte-level BPE) or `spm.model`
+(DeBERTa-v2/v3's SentencePiece unigram: `sentencepiece_unigram`). Padding and
 truncation settings stored in `tokenizer.json` are switched off: the data pipeline pads
 per length bucket, and truncation length is chosen per call.
 """
@@ -126,9 +127,47 @@ def load_tokenizer(directory: pathlib.Path, family: str, pad_id: int) -> Tokeniz
         trim_offsets=options.get('trim_offsets', True))
     return Tokenizer(backend, family, pad_id)
   if (directory / 'spm.model').exists():
-    raise UsageError(f'{directory} has only a SentencePiece spm.model (DeBERTa-v3 style), which '
-                     'this project reads as tokenizer.json: where sentencepiece and transformers '
-                     'are installed, run transformers.AutoTokenizer.from_pretrained(DIR)'
-                     '.save_pretrained(DIR) once to write it')
+    return Tokenizer(sentencepiece_unigram(directory / 'spm.model', options), family, pad_id)
   raise UsageError(f'no tokenizer in {directory}: expected tokenizer.json, vocab.txt, '
-                   'or vocab.json + merges.txt; save the tokenizer next to the weights')
+                   'vocab.json + merges.txt, or spm.model; save the tokenizer next to the weights')
+
+
+def sentencepiece_unigram(path: pathlib.Path, options: dict) -> tokenizers.Tokenizer:
+  """DeBERTa-v2/v3's `spm.model` (the only tokenizer file their hub repos ship) as the
+  `tokenizers` pipeline transformers' fast DeBERTa-v2 tokenizer builds from it: the
+  model's unigram pieces and scores, its precompiled normaliser (after lower-casing when
+  `do_lower_case`, and a strip), runs of spaces collapsed, punctuation split off when
+  `split_by_punct`, '▁' word prefixes, and [CLS] a [SEP] b [SEP] with type ids 0/1.
+  tests/test_tokenization_spm.py checks it against transformers' SentencePiece tokenizer."""
+  from tokenizers import Regex, models, normalizers, pre_tokenizers
+  try:
+    from sentencepiece import sentencepiece_model_pb2
+  except ImportError:
+    raise UsageError(f'{path} is a SentencePiece model: pip install sentencepiece to read it') \
+        from None
+  proto = sentencepiece_model_pb2.ModelProto()
+  try:
+    proto.ParseFromString(path.read_bytes())
+  except Exception:  # protobuf's DecodeError and friends: not a SentencePiece model
+    raise UsageError(f'{path} is not a readable SentencePiece model; re-download it') from None
+  if proto.trainer_spec.model_type != proto.trainer_spec.UNIGRAM:
+    raise UsageError(f'{path} is not a unigram SentencePiece model (DeBERTa-v2/v3 use unigram)')
+  backend = tokenizers.Tokenizer(models.Unigram(
+      [(p.piece, p.score) for p in proto.pieces], proto.trainer_spec.unk_id, byte_fallback=False))
+  steps = [normalizers.Lowercase()] if options.get('do_lower_case', False) else []
+  steps.append(normalizers.Strip())
+  if proto.normalizer_spec.precompiled_charsmap:
+    steps.append(normalizers.Precompiled(proto.normalizer_spec.precompiled_charsmap))
+  steps.append(normalizers.Replace(Regex(' {2,}'), ' '))
+  backend.normalizer = normalizers.Sequence(steps)
+  prepend = 'always' if proto.normalizer_spec.add_dummy_prefix else 'never'
+  splits = [pre_tokenizers.Punctuation('isolated')] if options.get('split_by_punct') else []
+  backend.pre_tokenizer = pre_tokenizers.Sequence(
+      splits + [pre_tokenizers.Metaspace(replacement='▁', prepend_scheme=prepend)])
+  cls_id, sep_id = backend.token_to_id('[CLS]'), backend.token_to_id('[SEP]')
+  if cls_id is None or sep_id is None:
+    raise UsageError(f'{path} has no [CLS]/[SEP] pieces; it is not a DeBERTa SentencePiece model')
+  backend.post_processor = processors.TemplateProcessing(
+      single='[CLS]:0 $A:0 [SEP]:0', pair='[CLS]:0 $A:0 [SEP]:0 $B:1 [SEP]:1',
+      special_tokens=[('[CLS]', cls_id), ('[SEP]', sep_id)])
+  return backend
