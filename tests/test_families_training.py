@@ -1,0 +1,74 @@
+"""Every family through the trainer and mixed-task predict, end to end.
+
+For each family beyond BERT a tiny random checkpoint (the parity tests' builders) is the
+base of two short real runs on the GLUE TSVs in ../shared: Houlsby adapters on SST-2 and
+LoRA on RTE. Their artifacts are then served together by `predict` in one mixed batch,
+which must give each row what its artifact gives alone.
+"""
+
+import numpy as np
+import pytest
+
+from adapter_tuning.interop import artifact
+from adapter_tuning.predict import predict_rows
+from adapter_tuning.serving.multi_adapter import MultiTaskModel
+from adapter_tuning.training.trainer import train_and_evaluate
+from conftest import GLUE_DIR
+from helpers import tiny_config
+from test_deberta import V3, _deberta
+from test_families_more import _distilbert, _electra, _xlm_roberta
+from test_modernbert import GEOMETRIES, _modernbert
+
+BUILDERS = {
+    'xlm-roberta': lambda d, minilm: _xlm_roberta(d)[1],
+    'distilbert': lambda d, minilm: _distilbert(d, minilm, sinusoidal=True)[1],
+    'electra': lambda d, minilm: _electra(d, minilm, embedding_size=16)[1],
+    'deberta-v2': lambda d, minilm: _deberta(d, minilm, **V3)[1],
+    'modernbert': lambda d, minilm: _modernbert(d, minilm, **GEOMETRIES['base'])[1],
+}
+METHODS = {  # artifact name -> (task, config overrides)
+    'sst2_houlsby': ('glue/sst2', {}),
+    'rte_lora': ('glue/rte', {'model.adapter.placement': 'none', 'model.lora.rank': 4,
+                              'model.lora.targets': 'query,value,output'}),
+}
+
+
+def _train(base, root, name):
+  task, overrides = METHODS[name]
+  config = tiny_config(base, task, **{
+      'data.source': 'glue_dir', 'data.data_dir': str(GLUE_DIR), 'data.max_train_examples': 32,
+      'data.max_eval_examples': 16, 'num_train_steps': 2, 'batch_size': 8,
+      'learning_rate': 1e-3, **overrides})
+  train_and_evaluate(config, root / name)
+  return root / name / 'adapter'
+
+
+@pytest.mark.parametrize('family', sorted(BUILDERS))
+def test_family_trains_and_serves_mixed_tasks(tmp_path, minilm_dir, family):
+  (tmp_path / 'base').mkdir()
+  base = BUILDERS[family](tmp_path / 'base', minilm_dir)
+  artifacts = {name: _train(base, tmp_path, name) for name in METHODS}
+  meta, trained = artifact.load(artifacts['rte_lora'])
+  assert any('_lora' in '/'.join(k) for k in _paths(trained))
+  mixed = MultiTaskModel(list(artifacts.values()))
+  assert mixed.pretrained.config.family == family
+  rows = [{'text': f'a short sentence number {i}', 'text_pair':
+           None if i % 2 == 0 else 'and a hypothesis', 'task':
+           'glue/sst2' if i % 2 == 0 else 'glue/rte'} for i in range(8)]
+  together = predict_rows(mixed, rows, batch_size=8, max_seq_length=32)
+  for name, path in artifacts.items():
+    alone_model = MultiTaskModel([path])
+    task = METHODS[name][0]
+    mine = [(row, out) for row, out in zip(rows, together) if row['task'] == task]
+    alone = predict_rows(alone_model, [row for row, _ in mine], 8, 32)
+    for (_, out), ref in zip(mine, alone):
+      assert out['label'] == ref['label']
+      np.testing.assert_allclose(out['logits'], ref['logits'], atol=1e-5, rtol=0)
+
+
+def _paths(tree, prefix=()):
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      yield from _paths(value, prefix + (key,))
+    else:
+      yield prefix + (key,)
