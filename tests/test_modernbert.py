@@ -316,3 +316,13 @@ def test_original_ln_before_is_refused_in_one_line(base_dir):
   with pytest.raises(UsageError, match='original_ln_before') as e:
     load_pretrained(directory, AdapterConfig(size=4, original_ln_before=True))
   assert '\n' not in str(e.value)
+
+
+def test_bitfit_without_biases_is_a_one_line_error(base_dir):
+  from adapter_tuning.training import trainable
+  ours = load_pretrained(base_dir)
+  params = {'encoder': ours.params, 'head': {'kernel': np.zeros((32, NUM_LABELS), np.float32),
+                                             'bias': np.zeros(NUM_LABELS, np.float32)}}
+  with pytest.raises(UsageError, match='trainable=bitfit finds no bias') as e:
+    trainable.split(params, trainable.resolve('bitfit', 4))
+  assert '\n' not in str(e.value)

@@ -118,6 +118,9 @@ def split(params: dict, rules: Rules) -> tuple[dict, dict]:
   frozen = {k: v for k, v in flat.items() if k not in train}
   if not train:
     raise UsageError('the trainable rules select no parameter; check `trainable`')
+  if rules == BITFIT and all(k[0] == 'head' for k in train):
+    raise UsageError('trainable=bitfit finds no bias in this encoder (ModernBERT checkpoints '
+                     'have none unless attention_bias/mlp_bias/norm_bias); use another method')
   return tu.unflatten_dict(train), tu.unflatten_dict(frozen)
 
 
