@@ -33,6 +33,17 @@ head) as a plain Hugging Face checkpoint, the methods merged into the base's ten
 
 OUT loads with `transformers.AutoModelForSequenceClassification.from_pretrained(OUT)` alone.
 
+Export an artifact with its base and head as one inference graph (interop/serving_export.py;
+LoRA and IA³ merged into the base weights first, bottleneck adapters and prefixes kept as
+computation; checked against the artifact's own logits before anything is written):
+
+  python -m adapter_tuning.export --adapter runs/sst2/adapter --format onnx --output model.onnx
+  python -m adapter_tuning.export --adapter runs/sst2/adapter --format stablehlo --output OUT
+
+model.onnx takes input_ids, attention_mask, token_type_ids (int32, dynamic batch and sequence)
+and returns logits; OUT holds jax.export StableHLO, weights.npz and stablehlo_loader.py, which
+runs it with jax + numpy alone.
+
 Flags may be spelled with dashes too (--to-artifact). Anything the other side cannot
 compute exactly is refused with a one-line reason (exit 2): a base that is not BERT/RoBERTa,
 an adapter placement or option the other side lacks (e.g. original_ln_before=True with
@@ -55,10 +66,13 @@ from absl import flags
 FLAGS = flags.FlagValues()
 flags.DEFINE_string('adapter', None, 'Artifact folder (export) or AdapterHub adapter folder '
                     '(with --to_artifact).', flag_values=FLAGS)
-flags.DEFINE_enum('format', None, ['adapterhub', 'hf_merged'], 'adapterhub: AdapterHub adapter '
-                  'folder (both ways); hf_merged: a plain Hugging Face *ForSequenceClassification '
-                  'checkpoint with LoRA/IA³/BitFit merged in.', flag_values=FLAGS)
-flags.DEFINE_string('output', None, 'Folder to write (must not exist unless --overwrite).',
+flags.DEFINE_enum('format', None, ['adapterhub', 'hf_merged', 'onnx', 'stablehlo'],
+                  'adapterhub: AdapterHub adapter folder (both ways); hf_merged: a plain Hugging '
+                  'Face *ForSequenceClassification checkpoint with LoRA/IA³/BitFit merged in; '
+                  'onnx: one .onnx file (base + adapter + head); stablehlo: a jax.export folder '
+                  'with a jax + numpy loader.', flag_values=FLAGS)
+flags.DEFINE_string('output', None, 'Folder (onnx: file) to write (must not exist unless '
+                    '--overwrite).',
                     flag_values=FLAGS)
 flags.DEFINE_bool('to_artifact', False, 'Import --adapter (AdapterHub) into an artifact.',
                   flag_values=FLAGS)
@@ -226,6 +240,16 @@ def export_merged(artifact_dir: pathlib.Path, out: pathlib.Path, base: str | Non
           f'transformers.AutoModelForSequenceClassification.from_pretrained({str(out)!r})')
 
 
+def export_serving(artifact_dir: pathlib.Path, out: pathlib.Path, fmt: str,
+                   base: str | None = None, overwrite: bool = False) -> str:
+  """Artifact -> ONNX file or StableHLO folder (interop/serving_export)."""
+  from adapter_tuning.interop import serving_export
+  _check_output(out, overwrite)
+  serving_export.check_output_kind(fmt, out)
+  meta, params, base_dir, _ = _load_artifact(artifact_dir, base)
+  return serving_export.export(fmt, meta, params, base_dir, out)
+
+
 def import_adapterhub(ah_dir: pathlib.Path, base: str, out: pathlib.Path,
                       name: str | None = None, max_seq_length: int = 0,
                       overwrite: bool = False) -> str:
@@ -281,7 +305,12 @@ def _run():
   adapter, out = pathlib.Path(FLAGS.adapter), pathlib.Path(FLAGS.output)
   if not adapter.exists():
     raise UsageError(f'--adapter {adapter} does not exist')
-  if FLAGS.format == 'hf_merged':
+  if FLAGS.format in ('onnx', 'stablehlo'):
+    if FLAGS.to_artifact:
+      raise UsageError(f'--to_artifact imports AdapterHub adapters; --format {FLAGS.format} '
+                       'only exports an artifact')
+    print(export_serving(adapter, out, FLAGS.format, FLAGS.base, FLAGS.overwrite))
+  elif FLAGS.format == 'hf_merged':
     print(export_merged(adapter, out, FLAGS.base, FLAGS.overwrite))
   elif FLAGS.to_artifact:
     print(import_adapterhub(adapter, FLAGS.base, out, FLAGS.name, FLAGS.max_seq_length,
