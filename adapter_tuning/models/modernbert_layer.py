@@ -66,7 +66,8 @@ def rotate(x_BxTxNxH, theta: float):
   dimension rotate together), angles in float32 as HF computes them."""
   t, h = x_BxTxNxH.shape[1], x_BxTxNxH.shape[-1]
   inv_freq = 1.0 / np.float32(theta) ** (np.arange(0, h, 2, dtype=np.float32) / np.float32(h))
-  angles_TxH = jnp.concatenate([jnp.arange(t, dtype=jnp.float32)[:, None] * inv_freq] * 2, -1)
+  positions_Tx1 = jax.lax.broadcasted_iota(jnp.float32, (t, 1), 0)
+  angles_TxH = jnp.concatenate([positions_Tx1 * inv_freq] * 2, -1)
   cos, sin = (f(angles_TxH)[None, :, None, :].astype(x_BxTxNxH.dtype) for f in (jnp.cos, jnp.sin))
   first, second = jnp.split(x_BxTxNxH, 2, axis=-1)
   return x_BxTxNxH * cos + jnp.concatenate([-second, first], axis=-1) * sin
@@ -74,11 +75,13 @@ def rotate(x_BxTxNxH, theta: float):
 
 def window_mask(t: int, window: Optional[int], prefix: int = 0):
   """[T, prefix + T] bool: which keys each query may see by distance (all for global layers;
-  the prefix positions, which have no distance, always)."""
+  the prefix positions, which have no distance, always). Built from iotas, so it also
+  traces for a symbolic T (jax.export, ONNX)."""
   if window is None:
     return None
-  near = np.abs(np.arange(t)[:, None] - np.arange(t)[None, :]) <= window // 2
-  return jnp.asarray(np.concatenate([np.ones((t, prefix), bool), near], axis=1))
+  rows = jax.lax.broadcasted_iota(jnp.int32, (t, t), 0)
+  near = jnp.abs(rows - jax.lax.broadcasted_iota(jnp.int32, (t, t), 1)) <= window // 2
+  return jnp.concatenate([jnp.ones((t, prefix), bool), near], axis=1) if prefix else near
 
 
 class Attention(nn.Module):
