@@ -1,13 +1,15 @@
 """Conversion between our adapter artifacts and AdapterHub's (`adapters` 1.3) on-disk format.
 
 This module holds the folder-level side, both ways: adapter_config.json (one method's config,
-or a `ConfigUnion` of several, as `MAMConfig` is), the prediction head, the LayerNorms, the
-artifact meta. Each PEFT method's config and tensors convert in a module of its own beside
-it (`Converter`, `converters()`): bottleneck adapters (`adapterhub_bottleneck`), LoRA and
-IA³ (`adapterhub_lora`), prefix tuning (`adapterhub_prefix`). Pure functions on nested
-param dicts, torch-layout state dicts (numpy) and config dicts; files are read and written
-by `export.py`. Facts about AdapterHub 1.3.0, checked against its source
-(`heads/base.py`, `loading.py`, `configuration/adapter_config.py`):
+or a `ConfigUnion` of several, as `MAMConfig` is), the LayerNorms, the artifact meta. Each
+PEFT method's config and tensors convert in a module of its own beside it (`Converter`,
+`converters()`): bottleneck adapters (`adapterhub_bottleneck`), LoRA and IA³
+(`adapterhub_lora`), prefix tuning (`adapterhub_prefix`); the prediction head in
+`adapterhub_head`. Where AdapterHub puts each module in a family's model is the family's
+(`Family.adapterhub_modules`): BERT, RoBERTa, XLM-R, ELECTRA, DistilBERT and DeBERTa-v2
+convert. Pure functions on nested param dicts, torch-layout state dicts (numpy) and config
+dicts; files are read and written by `export.py`. Facts about AdapterHub 1.3.0, checked
+against its source (`loading.py`, `configuration/adapter_config.py`):
 
 * An adapter of several methods is one name whose config is `{"architecture": "union",
   "configs": [...]}`; every method's tensors carry the same name in their keys
@@ -17,13 +19,6 @@ by `export.py`. Facts about AdapterHub 1.3.0, checked against its source
   trained LayerNorms travel in an extra file, `layer_norms.safetensors`, keyed like the
   base model's own state dict, loaded with `model.base_model.load_state_dict(...,
   strict=False)` (see `README_TEXT`).
-* `ClassificationHead` with `layers=1` is [Dropout, Linear(d, n)] (keys `heads.{name}.1.*`)
-  on the pooler output if `use_pooler=True` -- our head. With `layers=2`,
-  `activation_function='tanh'`, `use_pooler=False` (AdapterHub's default head) it is
-  [Dropout, Linear(d, d), Tanh, Dropout, Linear(d, n)] on the [CLS] vector: a pooler of
-  its own (`heads.{name}.1`) plus our head (`heads.{name}.4`); that maps to an artifact that
-  carries `encoder/pooler/*`. `num_labels=1` is regression. `QuestionAnsweringHead` with
-  `layers=1` is Linear(d, 2) on every token: our span head.
 * Extra top-level keys in adapter_config.json are kept and ignored by the loader (that is
   where `save_adapter(meta_dict=...)` puts its entries); ours, "adapter_tuning", records the
   task, max_seq_length and base identity so that an import restores them.
@@ -40,7 +35,7 @@ import numpy as np
 
 from adapter_tuning import peft
 from adapter_tuning.errors import UsageError, listing
-from adapter_tuning.interop import hf_checkpoint
+from adapter_tuning.interop import adapterhub_head, hf_checkpoint
 from adapter_tuning.models.encoder import ModelConfig
 from adapter_tuning.models.families import families, family_named
 
@@ -176,8 +171,7 @@ def to_adapterhub(params: dict, meta: dict, config: ModelConfig, name: str,
   top = {'hidden_size': config.hidden_size, 'model_class': family.adapterhub_model_class,
          'model_name': base_name, 'model_type': config.family, 'name': name,
          'version': ADAPTERHUB_VERSION}
-  head_config, head_state = _head_to_adapterhub(head, meta, name, head_params, pooler,
-                                                meta.get('pooling', 'pooler'), family.pooler_act)
+  head_config, head_state = adapterhub_head.export(head, meta, name, head_params, pooler, config)
   ln_state = (hf_checkpoint.export_encoder_state(tu.unflatten_dict(ln_params), config.family)
               if ln_params else None)
   # Top-level extra keys are how AdapterHub itself stores meta_dict; its loader ignores them.
@@ -228,36 +222,6 @@ def _union(members: list[dict]) -> dict:
     raise UsageError(f'AdapterHub cannot hold two {twice[0]!r} methods in one adapter (LoRA '
                      'and IA³ are both its "lora" architecture); train them as two artifacts')
   return members[0] if len(members) == 1 else {'architecture': 'union', 'configs': members}
-
-
-def _head_to_adapterhub(head, meta, name, head_params, pooler, pooling, pooler_act='tanh'):
-  """Our head (+ a trained pooler: AdapterHub's 2-layer head, whose activation is the
-  family's pooler activation, tanh for BERT) as head_config + weights."""
-  kernel, bias = head_params['kernel'], head_params['bias']
-  if head != 'span' and pooling == 'mean':
-    raise UsageError('the artifact\'s head reads the mean over tokens (model.head.pooling=mean); '
-                     'AdapterHub heads read the pooler or [CLS]: train with pooling pooler or cls '
-                     'to export')
-  if head == 'span':
-    config = {'activation_function': 'tanh', 'dropout_prob': None,
-              'head_type': 'question_answering', 'label2id': None, 'layers': 1, 'num_labels': 2}
-    return config, {f'heads.{name}.1.weight': kernel.T, f'heads.{name}.1.bias': bias}
-  labels = list(meta.get('label_names') or [])
-  num = int(kernel.shape[1])
-  if head == 'classification' and len(labels) != num:
-    raise UsageError(f'artifact has {len(labels)} label names but a head with {num} outputs')
-  config = {'activation_function': pooler_act, 'bias': True, 'dropout_prob': None,
-            'head_type': 'classification',
-            'label2id': {str(l): i for i, l in enumerate(labels)} if head == 'classification' else None,
-            'layers': 1, 'num_labels': num, 'use_pooler': True}
-  if pooling == 'cls':  # the [CLS] state itself; a trained pooler would be unused
-    config.update(use_pooler=False)
-  if pooling == 'cls' or not pooler:
-    return config, {f'heads.{name}.1.weight': kernel.T, f'heads.{name}.1.bias': bias}
-  # A trained pooler: AdapterHub's two-layer head on the raw [CLS] vector carries it.
-  config.update(layers=2, use_pooler=False)
-  return config, {f'heads.{name}.1.weight': pooler['kernel'].T, f'heads.{name}.1.bias': pooler['bias'],
-                  f'heads.{name}.4.weight': kernel.T, f'heads.{name}.4.bias': bias}
 
 
 def _members(adapter_config: dict) -> list[dict]:
@@ -347,7 +311,11 @@ def from_adapterhub(files: AdapterHubFiles, config: ModelConfig) -> Imported:
   if files.layer_norm_state:
     flat.update(_layer_norms_from_state(files.layer_norm_state, config))
     rules.append(['layer_norm/', 'train'])
-  head, labels, num_outputs, head_flat, pooling = _head_from_adapterhub(files, config)
+  if files.head_config is None or files.head_state is None:
+    raise UsageError('the AdapterHub folder has no prediction head (head_config.json and '
+                     'head weights); save it with model.save_adapter(..., with_head=True)')
+  head, labels, num_outputs, head_flat, pooling = adapterhub_head.import_(
+      files.head_config, files.head_state, config)
   flat.update(head_flat)
   if any(k[:2] == ('encoder', 'pooler') for k in head_flat):
     rules.append(['^encoder/pooler/', 'train'])
@@ -357,88 +325,33 @@ def from_adapterhub(files: AdapterHubFiles, config: ModelConfig) -> Imported:
                   dict(cfg.get('adapter_tuning') or {}), pooling)
 
 
-def _layer_norm_paths(config: ModelConfig):
-  paths = [('embeddings', 'layer_norm')]
-  for i in range(config.num_layers):
-    paths += [(f'layer_{i}', 'attention_layer_norm'), (f'layer_{i}', 'ffn_layer_norm')]
-  return [p + (leaf,) for p in paths for leaf in ('scale', 'bias')]
+def _layer_norm_shapes(config: ModelConfig) -> dict:
+  """{path under the encoder: shape} of every LayerNorm param of the base, as the trainable
+  rule 'layer_norm/' selects them (DeBERTa's relative-table LayerNorm included)."""
+  import jax
+
+  from adapter_tuning.models.encoder import Encoder
+  ids = jax.ShapeDtypeStruct((1, 8), np.int32)
+  shapes = jax.eval_shape(Encoder(config).init, jax.random.PRNGKey(0), ids, ids, ids)['params']
+  return {k: tuple(v.shape) for k, v in tu.flatten_dict(shapes).items()
+          if k[-2].endswith('layer_norm')}
 
 
 def _layer_norms_from_state(state: dict, config: ModelConfig) -> dict:
-  by_key = {hf_checkpoint.checkpoint_key(p, config.family)[0]: p
-            for p in _layer_norm_paths(config)}
+  shapes = _layer_norm_shapes(config)
+  by_key = {hf_checkpoint.checkpoint_key(p, config.family)[0]: p for p in shapes}
+  prefixes = family_named(config.family).key_prefixes
   out, unknown = {}, []
   for key, value in state.items():
-    prefixes = family_named(config.family).key_prefixes
     bare = next((key[len(p):] for p in prefixes if key.startswith(p)), key)
     if bare not in by_key:
       unknown.append(key)
       continue
-    value = np.asarray(value, np.float32)
-    width = config.embedding_width if by_key[bare][0] == 'embeddings' else config.hidden_size
-    if value.shape != (width,):
-      raise UsageError(f'{LAYER_NORMS}: {key} has shape {value.shape}, expected ({width},)')
-    out[('encoder',) + by_key[bare]] = value
+    value, path = np.asarray(value, np.float32), by_key[bare]
+    if value.shape != shapes[path]:
+      raise UsageError(f'{LAYER_NORMS}: {key} has shape {value.shape}, expected {shapes[path]}')
+    out[('encoder',) + path] = value
   if unknown:
     raise UsageError(f'{LAYER_NORMS} holds tensors that are not LayerNorms of this base: '
                      f"{listing(unknown)}")
   return out
-
-
-def _head_from_adapterhub(files: AdapterHubFiles, config: ModelConfig):
-  """(head kind, label names, num outputs, flat params, pooling) from head_config + weights."""
-  if files.head_config is None or files.head_state is None:
-    raise UsageError('the AdapterHub folder has no prediction head (head_config.json and '
-                     'head weights); save it with model.save_adapter(..., with_head=True)')
-  hc = files.head_config.get('config') or {}
-  name = files.head_config.get('name')
-  kind, layers = hc.get('head_type'), hc.get('layers', 1)
-  state = {}
-  for key, value in files.head_state.items():
-    m = re.fullmatch(rf'heads\.{re.escape(str(name))}\.(\d+)\.(weight|bias)', key)
-    if not m:
-      raise UsageError(f'head weight {key!r} does not belong to head {name!r}')
-    state[(int(m[1]), m[2])] = np.asarray(value, np.float32)
-  d = config.hidden_size
-
-  def linear(index, out_dim):
-    w = state.get((index, 'weight'))
-    if w is None or w.shape != (out_dim, d):
-      raise UsageError(f'head {name!r}: expected heads.{name}.{index}.weight of shape '
-                       f'({out_dim}, {d}), got {None if w is None else w.shape}')
-    b = state.get((index, 'bias'), np.zeros((out_dim,), np.float32))  # bias=False heads
-    return w.T, b
-
-  flat = {}
-  if kind == 'question_answering':
-    if layers != 1 or hc.get('num_labels', 2) != 2:
-      raise UsageError(f'question answering head with layers={layers}, '
-                       f'num_labels={hc.get("num_labels")}: only layers=1, 2 labels imports')
-    flat[('head', 'kernel')], flat[('head', 'bias')] = linear(1, 2)
-    return 'span', [], 2, flat, 'pooler'
-  if kind != 'classification':
-    raise UsageError(f'AdapterHub head type {kind!r} has no equivalent here; classification '
-                     '(incl. regression) and question_answering heads import')
-  num = int(hc.get('num_labels', 2))
-  use_pooler, act = bool(hc.get('use_pooler')), hc.get('activation_function')
-  pooling = 'pooler'
-  if layers == 1:  # on the pooler output, or on the [CLS] state (use_pooler=False)
-    flat[('head', 'kernel')], flat[('head', 'bias')] = linear(1, num)
-    pooling = 'pooler' if use_pooler else 'cls'
-  elif layers == 2 and not use_pooler and act == family_named(config.family).pooler_act:
-    flat[('encoder', 'pooler', 'kernel')], flat[('encoder', 'pooler', 'bias')] = linear(1, d)
-    flat[('head', 'kernel')], flat[('head', 'bias')] = linear(4, num)
-  else:
-    raise UsageError(
-        f'classification head with layers={layers}, use_pooler={use_pooler}, '
-        f'activation_function={act!r} does not fit a linear head on the pooled [CLS] output; '
-        f'importable: layers=1, or layers=2 with {family_named(config.family).pooler_act} and '
-        'use_pooler=False')
-  if num == 1:
-    return 'regression', [], 1, flat, pooling
-  label2id = hc.get('label2id') or {}
-  if sorted(label2id.values()) == list(range(num)):
-    labels = [l for l, _ in sorted(label2id.items(), key=lambda kv: kv[1])]
-  else:
-    labels = [f'LABEL_{i}' for i in range(num)]
-  return 'classification', labels, num, flat, pooling

@@ -23,10 +23,12 @@ Facts about AdapterHub 1.3.0, checked against its source (`adapters/methods/mode
   adapters; `non_linearity` goes through transformers' `get_activation` (lower-cased):
   'gelu' is exact GELU, 'gelu_new' the tanh form, 'swish' = SiLU. A config without a
   "version" key is read as legacy: 'gelu' then means 'gelu_new' (and 'gelu_orig' exact).
-* State dict keys (prefix 'bert' or 'roberta'): `{p}.encoder.layer.{i}.attention.output.
-  adapters.{name}.adapter_down.0.weight` ([m, d]), `...adapter_down.0.bias`,
-  `...adapter_up.weight` ([d, m]), `...adapter_up.bias`; `.output.adapters.` for the FFN
-  site; `...adapters.{name}.scaling` when scaling is 'learned' or 'channel'.
+* State dict keys: `{p}{module}.adapters.{name}.adapter_down.0.weight` ([m, d]),
+  `...adapter_down.0.bias`, `...adapter_up.weight` ([d, m]), `...adapter_up.bias`,
+  `...adapters.{name}.scaling` when scaling is 'learned' or 'channel'; the module of our
+  'attention' and 'ffn' sites is the family's (`Family.adapterhub_modules`: BERT's
+  `encoder.layer.{i}.attention.output` and `.output`, DistilBERT's
+  `transformer.layer.{i}.attention_adapters` and `.output_adapters`).
 * `init_weights='houlsby'` is truncated normal (std 1e-2, +-2 std) for both projections
   with zero biases, i.e. our init with init_scale=1e-2; it only matters for fresh adapters.
 """
@@ -38,10 +40,11 @@ import re
 import numpy as np
 
 from adapter_tuning.errors import UsageError, listing
+from adapter_tuning.models.families import family_named
 from adapter_tuning.peft.bottleneck import AdapterConfig
 
 ARCHITECTURE = 'bottleneck'
-_SITES = {'attention': 'attention.output', 'ffn': 'output'}  # ours -> HF module path
+_SITES = ('attention', 'ffn')
 _PROJ = {'down': 'adapter_down.0', 'up': 'adapter_up'}
 _TO_AH_ACT = {'gelu': 'gelu', 'gelu_tanh': 'gelu_new', 'relu': 'relu', 'swish': 'swish',
               'tanh': 'tanh'}
@@ -95,7 +98,7 @@ def export(adapter: AdapterConfig, flat: dict, model_config, name: str,
   if adapter.placement == 'none':
     raise UsageError('the artifact\'s bottleneck adapters have placement none: nothing to '
                      'export as an AdapterHub bottleneck adapter')
-  state = {}
+  modules, state = family_named(model_config.family).adapterhub_modules, {}
   for path, value in flat.items():
     m = re.fullmatch(r'encoder/layer_(\d+)/(attention|ffn)_adapter/(down|up)/(kernel|bias)', path)
     if not m:
@@ -103,7 +106,7 @@ def export(adapter: AdapterConfig, flat: dict, model_config, name: str,
     layer, site, proj, leaf = int(m[1]), m[2], m[3], m[4]
     if not adapter.has_adapter(layer, site):
       raise UsageError(f'artifact weight {path} is outside its adapter config ({adapter})')
-    key = (f'{key_prefix}encoder.layer.{layer}.{_SITES[site]}.adapters.{name}.{_PROJ[proj]}.'
+    key = (f'{key_prefix}{modules.module(layer, site)}.adapters.{name}.{_PROJ[proj]}.'
            f'{"weight" if leaf == "kernel" else "bias"}')
     state[key] = value.T if leaf == 'kernel' else value
   _fill_untrained(state, adapter, model_config, name, key_prefix)
@@ -121,9 +124,10 @@ def _fill_untrained(state: dict, adapter, model_config, name: str, key_prefix: s
   """Every adapter module AdapterHub will create must get weights: adapters the artifact
   did not train are zero, as our own serving treats them (serving/multi_adapter.py)."""
   size, d = adapter.size, model_config.hidden_size
+  modules = family_named(model_config.family).adapterhub_modules
   for layer in range(model_config.num_layers):
     for site in adapter.sites(layer):
-      base = f'{key_prefix}encoder.layer.{layer}.{_SITES[site]}.adapters.{name}.'
+      base = f'{key_prefix}{modules.module(layer, site)}.adapters.{name}.'
       shapes = {'adapter_down.0.weight': (size, d), 'adapter_down.0.bias': (size,),
                 'adapter_up.weight': (d, size), 'adapter_up.bias': (d,)}
       for key, shape in shapes.items():
@@ -241,20 +245,17 @@ def _scale(scaling, stored, layer, site, d) -> np.ndarray:
 
 
 def _parse_state(state: dict, name: str, model_config) -> dict:
-  pattern = re.compile(
-      rf'^(?:\w+\.)?encoder\.layer\.(\d+)\.(attention\.output|output)\.adapters\.'
-      rf'{re.escape(name)}\.(adapter_down\.0\.weight|adapter_down\.0\.bias|adapter_up\.weight|'
-      rf'adapter_up\.bias|scaling)$')
+  paths = family_named(model_config.family).adapterhub_modules
   fields = {'adapter_down.0.weight': 'down_w', 'adapter_down.0.bias': 'down_b',
             'adapter_up.weight': 'up_w', 'adapter_up.bias': 'up_b', 'scaling': 'scaling'}
   modules, unknown = {}, []
   for key, value in state.items():
-    m = pattern.match(key)
-    if not m or int(m[1]) >= model_config.num_layers:
+    parsed = paths.parse(key, _SITES, 'adapters', name)
+    if not parsed or parsed[0] >= model_config.num_layers or parsed[2] not in fields:
       unknown.append(key)
       continue
-    site = 'attention' if m[2] == 'attention.output' else 'ffn'
-    modules.setdefault((int(m[1]), site), {})[fields[m[3]]] = np.asarray(value, np.float32)
+    layer, site, leaf = parsed
+    modules.setdefault((layer, site), {})[fields[leaf]] = np.asarray(value, np.float32)
   if unknown:
     raise UsageError(f'AdapterHub weights this project cannot place (for adapter {name!r} on a '
                      f'{model_config.num_layers}-layer {model_config.family}): {listing(unknown)}')

@@ -3,10 +3,14 @@
 Two converters of `interop/adapterhub.py`. Facts about AdapterHub 1.3.0, checked against its
 source (`adapters/methods/lora.py`, `configuration/adapter_config.py`) and files it saved:
 
-* Both are its 'lora' architecture: `LoRALinear` wraps `attention.self.{query,key,value}`
-  (`selfattn_lora` with `attn_matrices` among q, k, v), `intermediate.dense`
-  (`intermediate_lora`: before the activation) and `output.dense` (`output_lora`); there is
-  no LoRA on the attention output projection. `leave_out` lists layers without modules.
+* Both are its 'lora' architecture: `LoRALinear` wraps the query, key and value projections
+  (`selfattn_lora` with `attn_matrices` among q, k, v), the FFN's first matmul
+  (`intermediate_lora`: before the activation) and its second (`output_lora`); there is no
+  LoRA on the attention output projection. `leave_out` lists layers without modules. Which
+  modules those are is the family's (`Family.adapterhub_modules`): BERT's
+  `attention.self.query` ... `output.dense`, DeBERTa's `attention.self.query_proj`,
+  DistilBERT's `attention.q_lin` ... `ffn.lin2`. DeBERTa's shared-key position projections
+  reuse the wrapped query/key modules, as ours reuse the hooked ones.
 * LoRA (`composition_mode='add'`): y + (alpha / r) * dropout(x) A^T B^T with keys
   `{p}.encoder.layer.{i}.{module}.loras.{name}.lora_A` [r, in] and `.lora_B` [out, r]:
   our `lora_A` [in, r] and `lora_B` [r, out] transposed.
@@ -19,27 +23,19 @@ source (`adapters/methods/lora.py`, `configuration/adapter_config.py`) and files
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
 
 from adapter_tuning.errors import UsageError, listing
+from adapter_tuning.models.families import family_named
 from adapter_tuning.peft import lora as lora_method
 from adapter_tuning.peft.ia3 import IA3Config
 from adapter_tuning.peft.lora import LoRAConfig
 
 ARCHITECTURE = 'lora'
-# our site -> (the scope its module lives in under layer_i, AdapterHub's module path)
-_MODULES = {'query': ('attention', 'attention.self.query'),
-            'key': ('attention', 'attention.self.key'),
-            'value': ('attention', 'attention.self.value'),
-            'intermediate_dense': ('intermediate', 'intermediate.dense'),
-            'output': ('', 'output.dense')}
+# the sites AdapterHub has LoRA at -> the scope our module lives in under layer_i
+_SCOPES = {'query': 'attention', 'key': 'attention', 'value': 'attention',
+           'intermediate_dense': 'intermediate', 'output': ''}
 _ATTN_MATRIX = {'query': 'q', 'key': 'k', 'value': 'v'}  # our target -> attn_matrices
-_STATE_KEY = re.compile(r'^(?:\w+\.)?encoder\.layer\.(\d+)\.(attention\.self\.query|'
-                        r'attention\.self\.key|attention\.self\.value|intermediate\.dense|'
-                        r'output\.dense)\.loras\.(.+)\.(lora_A|lora_B)$')
-_SITE_OF_MODULE = {module: site for site, (_, module) in _MODULES.items()}
 _COMMON = {'architecture': ARCHITECTURE, 'dropout': 0.0, 'dtype': None,
            'init_weights_seed': None, 'use_dora': False, 'use_gating': False,
            'vera_b': None, 'vera_d': None}
@@ -78,12 +74,14 @@ def _targets_config(targets, layers, model_config) -> dict:
           'leave_out': leave_out}
 
 
-def _state_key(key_prefix: str, layer: int, site: str, name: str, leaf: str) -> str:
-  return f'{key_prefix}encoder.layer.{layer}.{_MODULES[site][1]}.loras.{name}.{leaf}'
+def _state_key(key_prefix: str, layer: int, site: str, name: str, leaf: str,
+               model_config) -> str:
+  modules = family_named(model_config.family).adapterhub_modules
+  return f'{key_prefix}{modules.module(layer, site)}.loras.{name}.{leaf}'
 
 
 def _our_path(layer: int, site: str, marker: str, leaf: str) -> tuple:
-  scope = _MODULES[site][0]
+  scope = _SCOPES[site]
   return ('encoder', f'layer_{layer}') + ((scope,) if scope else ()) + (f'{site}{marker}', leaf)
 
 
@@ -103,7 +101,7 @@ def _export_tensors(config, flat: dict, model_config, name: str, key_prefix: str
         if value.shape != shape:
           raise UsageError(f'artifact tensor {"/".join(path)} does not fit AdapterHub\'s '
                            f'{shape} (its config: {config})')
-        state[_state_key(key_prefix, layer, site, name, ah_leaf)] = value
+        state[_state_key(key_prefix, layer, site, name, ah_leaf, model_config)] = value
   if by_path:
     raise UsageError(f'artifact weights outside its {marker[1:]} config: '
                      f'{listing("/".join(k) for k in by_path)}')
@@ -162,14 +160,16 @@ def _targets(ah: dict) -> tuple[list, tuple | None]:
 
 def _parse_state(state: dict, name: str, model_config) -> dict:
   """{(layer, site): {leaf: array}} of the state dict's LoRA/IA³ tensors."""
+  paths = family_named(model_config.family).adapterhub_modules
   modules, unknown = {}, []
   for key, value in state.items():
-    m = _STATE_KEY.match(key)
-    if not m or m[3] != name or int(m[1]) >= model_config.num_layers:
+    parsed = paths.parse(key, _SCOPES, 'loras', name)
+    if not parsed or parsed[0] >= model_config.num_layers or \
+        parsed[2] not in ('lora_A', 'lora_B'):
       unknown.append(key)
       continue
-    modules.setdefault((int(m[1]), _SITE_OF_MODULE[m[2]]), {})[m[4]] = np.asarray(
-        value, np.float32)
+    layer, site, leaf = parsed
+    modules.setdefault((layer, site), {})[leaf] = np.asarray(value, np.float32)
   if unknown:
     raise UsageError(f'AdapterHub LoRA/IA³ weights this project cannot place (adapter '
                      f'{name!r}, a {model_config.num_layers}-layer model): {listing(unknown)}')

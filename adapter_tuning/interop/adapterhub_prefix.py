@@ -3,10 +3,14 @@
 A converter of `interop/adapterhub.py`. Facts about AdapterHub 1.3.0, checked against its
 source (`adapters/methods/prefix_tuning.py`) and files it saved:
 
-* One module per adapter, `prefix_tunings.{name}.self_prefix`, shared by every layer; its
-  state dict lists it once at `{p}.prefix_tuning.prefix_tunings.{name}.self_prefix.*` and
-  again under each layer's `encoder.layer.{i}.attention.self.prefix_tuning.pool.` (the same
-  tensors): export writes every copy, import reads one and checks the others agree.
+* One module per adapter, `prefix_tunings.{name}.{location}`, shared by every layer; its
+  state dict lists it once at `{p}.prefix_tuning.prefix_tunings.{name}.{location}.*` and
+  again under each layer's prefix pool, `{pool}.pool.` (the same tensors): export writes
+  every copy, import reads one and checks the others agree. Location and pool are the
+  family's (`Family.adapterhub_modules`): BERT's 'self_prefix' under
+  `encoder.layer.{i}.attention.self.prefix_tuning`, DistilBERT's 'self' under
+  `transformer.layer.{i}.attention.prefix_tuning`. A family may refuse prefixes with a
+  reason (`prefix_refused`: DeBERTa, DistilBERT).
 * `flat=False`: `wte.weight` [P, d], `control_trans.0` Linear(d, b), tanh,
   `control_trans.2` Linear(b, layers x 2 x d): our `PrefixMLP` (kernels transposed).
   `flat=True`: `control_trans` [P x layers x 2 x d], the prefixes themselves, laid out
@@ -22,6 +26,7 @@ import re
 import numpy as np
 
 from adapter_tuning.errors import UsageError, listing
+from adapter_tuning.models.families import family_named
 from adapter_tuning.peft import prefix as prefix_method
 from adapter_tuning.peft.prefix import PrefixConfig
 
@@ -45,12 +50,22 @@ def reads(ah_config: dict) -> bool:
   return ah_config.get('architecture') == ARCHITECTURE
 
 
-def _owners(key_prefix: str, name: str, num_layers: int) -> list[str]:
+def _modules(model_config):
+  """The family's AdapterHub modules, refusing a family whose prefixes do not convert."""
+  modules = family_named(model_config.family).adapterhub_modules
+  if modules.prefix_refused:
+    raise UsageError(f'prefix tuning does not convert between AdapterHub and '
+                     f'{model_config.family}: {modules.prefix_refused}')
+  return modules
+
+
+def _owners(key_prefix: str, name: str, model_config) -> list[str]:
   """Every state-dict prefix under which AdapterHub lists the one prefix module."""
-  module = f'prefix_tuning.prefix_tunings.{name}.self_prefix.'
-  return [f'{key_prefix}{module}'] + [
-      f'{key_prefix}encoder.layer.{i}.attention.self.{module.replace(".prefix_tunings", ".pool.prefix_tunings")}'
-      for i in range(num_layers)]
+  modules = _modules(model_config)
+  module = f'prefix_tunings.{name}.{modules.prefix_location}.'
+  return [f'{key_prefix}prefix_tuning.{module}'] + [
+      f'{key_prefix}{modules.layers}.{i}.{modules.prefix_pool}.pool.{module}'
+      for i in range(model_config.num_layers)]
 
 
 def export(config: PrefixConfig, flat: dict, model_config, name: str,
@@ -66,7 +81,7 @@ def export(config: PrefixConfig, flat: dict, model_config, name: str,
              for leaf, (path, transpose) in leaves.items()}
   if config.flat:
     tensors['control_trans'] = tensors['control_trans'].reshape(-1)
-  state = {owner + leaf: value for owner in _owners(key_prefix, name, model_config.num_layers)
+  state = {owner + leaf: value for owner in _owners(key_prefix, name, model_config)
            for leaf, value in tensors.items()}
   ah = {**_DEFAULTS, 'flat': config.flat, 'prefix_length': config.length,
         'bottleneck_size': config.bottleneck}
@@ -104,9 +119,10 @@ def import_(ah: dict, state: dict, model_config, name: str,
 
 def _one_copy(state: dict, name: str, model_config, leaves: dict) -> dict:
   """{AdapterHub leaf: tensor}, from whichever owner lists it; every copy must agree."""
-  pattern = re.compile(rf'^(?:\w+\.)?(?:encoder\.layer\.(\d+)\.attention\.self\.prefix_tuning\.'
-                       rf'pool\.|prefix_tuning\.)prefix_tunings\.{re.escape(name)}\.self_prefix\.'
-                       rf'(.+)$')
+  modules = _modules(model_config)
+  pattern = re.compile(rf'^(?:\w+\.)?(?:{re.escape(modules.layers)}\.(\d+)\.'
+                       rf'{re.escape(modules.prefix_pool)}\.pool\.|prefix_tuning\.)prefix_tunings\.'
+                       rf'{re.escape(name)}\.{re.escape(modules.prefix_location)}\.(.+)$')
   tensors, unknown = {}, []
   for key, value in state.items():
     m = pattern.match(key)

@@ -6,7 +6,8 @@ where each Flax parameter lives in its state dict (the key map), how position id
 made, how its tokenizer wraps one or two texts in special tokens, and the activation of
 the first layer of its sequence classifier (our pooler), and, where it is not BERT's, its
 self-attention (`Attention`: DeBERTa's relative-position attention) or its whole layer
-(ModernBERT's pre-LN layer). The encoder, the
+(ModernBERT's pre-LN layer), and where AdapterHub puts its modules in the family's model
+(`AdapterHubModules`). The encoder, the
 checkpoint reader, the tokenizer and the AdapterHub converter ask the family for these
 and never test family names themselves, so a new family is one new module here plus one
 entry in `families()`.
@@ -15,7 +16,8 @@ entry in `families()`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+import re
+from typing import Callable, Mapping
 
 from adapter_tuning.errors import UsageError
 
@@ -31,6 +33,38 @@ class Attention:
 
   shared: Callable  # nn.Module class: (ModelConfig, dtype) -> __call__(length) -> pytree
   layer: Callable  # nn.Module class: SelfAttention's fields; __call__(..., shared=)
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterHubModules:
+  """Where AdapterHub (`adapters` 1.3) hangs its modules in this family's model, as state-dict
+  paths after the model prefix (`Family.key_prefixes[0]`): the AdapterHub converters build
+  and parse keys from these, so a family's module names are stated once, here.
+
+  Read off `named_parameters()` of the family's *AdapterModel after `add_adapter` with each
+  method (bottleneck modules hold `.adapters.{name}.`, LoRA/IA³ modules `.loras.{name}.`).
+  """
+
+  layers: str  # the layer list; layer i is '{layers}.{i}'
+  # our site -> the module under a layer that AdapterHub wraps: bottleneck 'attention'/'ffn',
+  # LoRA/IA³ 'query'/'key'/'value'/'intermediate_dense'/'output' (unhashed: Family hashes)
+  sites: Mapping[str, str] = dataclasses.field(hash=False)
+  prefix_pool: str  # the module under a layer whose `.pool` lists the shared prefix module
+  prefix_location: str = 'self_prefix'  # that module's name under `prefix_tunings.{name}`
+  prefix_refused: str = ''  # why prefix tuning does not convert for this family; '' if it does
+  pooled_output: bool = True  # the model hands its heads a pooler output (`use_pooler`);
+  # without one, our pooler travels as the first layer of a 2-layer head
+
+  def module(self, layer: int, site: str) -> str:
+    return f'{self.layers}.{layer}.{self.sites[site]}'
+
+  def parse(self, key: str, sites, collection: str, name: str):
+    """(layer, our site, leaf) of a key `[prefix.]{layers}.{i}.{module}.{collection}.{name}.
+    {leaf}` whose module is one of `sites`, else None: the inverse of `module`."""
+    m = re.fullmatch(rf'(?:\w+\.)?{re.escape(self.layers)}\.(\d+)\.(.+?)\.'
+                     rf'{re.escape(collection)}\.{re.escape(name)}\.(.+)', key)
+    site = m and {self.sites[s]: s for s in sites}.get(m[2])
+    return (int(m[1]), site, m[3]) if site else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +90,7 @@ class Family:
   attention: Attention | None = None  # None: BERT's softmax attention (encoder.SelfAttention)
   layer: Callable | None = None  # nn.Module class with TransformerLayer's fields and call:
   # the family's own layer (ModernBERT's pre-LN layer); None: encoder.TransformerLayer
+  adapterhub_modules: AdapterHubModules | None = None  # set with adapterhub_model_class
 
 
 def model_types() -> str:

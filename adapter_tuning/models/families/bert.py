@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from adapter_tuning.errors import UsageError
 from adapter_tuning.models.activations import ACTIVATIONS
 from adapter_tuning.models.encoder import ModelConfig
-from adapter_tuning.models.families import Family
+from adapter_tuning.models.families import AdapterHubModules, Family
 
 
 def activation(hf: dict, key: str, source) -> str:
@@ -99,9 +99,18 @@ def sequence_classifier(pooler: dict, head: dict):
       'classifier.weight': head['kernel'].T, 'classifier.bias': head['bias']}, True
 
 
+# AdapterHub's modules in BertModel; RoBERTa, XLM-R and ELECTRA share BERT's module names.
+ADAPTERHUB = AdapterHubModules(
+    layers='encoder.layer',
+    sites={'attention': 'attention.output', 'ffn': 'output',
+           'query': 'attention.self.query', 'key': 'attention.self.key',
+           'value': 'attention.self.value', 'intermediate_dense': 'intermediate.dense',
+           'output': 'output.dense'},
+    prefix_pool='attention.self.prefix_tuning')
+
 FAMILY = Family(name='bert', read_config=read_config, checkpoint_key=checkpoint_key,
                 key_prefixes=('bert.',), position_ids=position_ids,
                 position_offset=lambda config: 0, special_tokens=('[CLS]', '[SEP]'),
                 build_pair=build_pair, num_special_tokens_pair=3,
-                adapterhub_model_class='BertAdapterModel',
+                adapterhub_model_class='BertAdapterModel', adapterhub_modules=ADAPTERHUB,
                 sequence_classifier=sequence_classifier)

@@ -24,6 +24,8 @@ Tokenisation is BERT's pairing: [CLS] a [SEP] b [SEP], token types 0/1.
 
 from __future__ import annotations
 
+import dataclasses
+
 from adapter_tuning.errors import UsageError
 from adapter_tuning.models import deberta_attention
 from adapter_tuning.models.encoder import ModelConfig
@@ -119,12 +121,21 @@ def sequence_classifier(pooler: dict, head: dict):
       'classifier.weight': head['kernel'].T, 'classifier.bias': head['bias']}, False
 
 
+# AdapterHub's modules in DebertaV2Model (adapters 1.3): BERT's, with DeBERTa's projection
+# names. DebertaV2AdapterModel hands its heads the whole sequence as "pooled output", so our
+# ContextPooler travels in the head.
+ADAPTERHUB = dataclasses.replace(
+    bert.ADAPTERHUB,
+    sites={**bert.ADAPTERHUB.sites, 'query': 'attention.self.query_proj',
+           'key': 'attention.self.key_proj', 'value': 'attention.self.value_proj'},
+    prefix_refused='this project has no prefix tuning on DeBERTa (relative positions of '
+    'prefix keys are undefined)', pooled_output=False)
+
 FAMILY = Family(name='deberta-v2', read_config=read_config, checkpoint_key=checkpoint_key,
                 key_prefixes=('deberta.',), position_ids=bert.position_ids,
                 position_offset=lambda config: 0, special_tokens=('[CLS]', '[SEP]'),
                 build_pair=bert.build_pair, num_special_tokens_pair=3,
-                # AdapterHub 1.3 has DeBERTa-v2 modules, not mapped here: no AH export yet.
-                adapterhub_model_class='',
+                adapterhub_model_class='DebertaV2AdapterModel', adapterhub_modules=ADAPTERHUB,
                 sequence_classifier=sequence_classifier, pooler_act='gelu',
                 attention=Attention(shared=deberta_attention.RelativeEmbeddings,
                                     layer=deberta_attention.DisentangledSelfAttention))

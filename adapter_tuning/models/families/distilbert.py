@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from adapter_tuning.models.encoder import ModelConfig
-from adapter_tuning.models.families import Family, bert
+from adapter_tuning.models.families import AdapterHubModules, Family, bert
 
 _ATTENTION = {'query': 'q_lin', 'key': 'k_lin', 'value': 'v_lin', 'out': 'out_lin'}
 _LAYER_MODULES = {
@@ -97,12 +97,25 @@ def sequence_classifier(pooler: dict, head: dict):
       'classifier.weight': head['kernel'].T, 'classifier.bias': head['bias']}, False
 
 
+# AdapterHub's modules in DistilBertModel (adapters 1.3): the bottleneck adapters are modules
+# of the layer itself, the prefix pool sits on `attention` (no `.self`) under location 'self',
+# and DistilBertAdapterModel hands its heads no pooled output. Its prefix tuning equals ours
+# under eager attention only: the default sdpa path pads the additive 4-D mask of a padded
+# batch with ones, i.e. adds 1 to every prefix score, so prefixes do not convert.
+ADAPTERHUB = AdapterHubModules(
+    layers='transformer.layer',
+    sites={'attention': 'attention_adapters', 'ffn': 'output_adapters',
+           'query': 'attention.q_lin', 'key': 'attention.k_lin', 'value': 'attention.v_lin',
+           'intermediate_dense': 'ffn.lin1', 'output': 'ffn.lin2'},
+    prefix_pool='attention.prefix_tuning', prefix_location='self',
+    prefix_refused='AdapterHub 1.3 computes DistilBERT prefixes differently under its default '
+    'sdpa attention (+1 on every prefix score in padded batches) than under eager attention',
+    pooled_output=False)
+
 FAMILY = Family(name='distilbert', read_config=read_config, checkpoint_key=checkpoint_key,
                 key_prefixes=('distilbert.',), position_ids=bert.position_ids,
                 position_offset=lambda config: 0, special_tokens=('[CLS]', '[SEP]'),
                 build_pair=bert.build_pair, num_special_tokens_pair=3,
-                # AdapterHub's DistilBERT modules sit elsewhere (transformer.layer.N.
-                # attention_adapters / output_adapters): not mapped, so no AH export yet.
-                adapterhub_model_class='',
+                adapterhub_model_class='DistilBertAdapterModel', adapterhub_modules=ADAPTERHUB,
                 sequence_classifier=sequence_classifier, pooler_act='relu',
                 missing_tensor=missing_tensor)

@@ -49,4 +49,6 @@ FAMILY = Family(name='electra', read_config=read_config, checkpoint_key=checkpoi
                 position_offset=lambda config: 0, special_tokens=('[CLS]', '[SEP]'),
                 build_pair=bert.build_pair, num_special_tokens_pair=3,
                 adapterhub_model_class='ElectraAdapterModel',
+                # ElectraAdapterModel hands its heads no pooled output (no pooler in HF's model)
+                adapterhub_modules=dataclasses.replace(bert.ADAPTERHUB, pooled_output=False),
                 sequence_classifier=sequence_classifier, pooler_act='gelu')

@@ -44,4 +44,4 @@ FAMILY = Family(name='roberta',
                 position_offset=lambda config: config.pad_token_id + 1,
                 special_tokens=('<s>', '</s>'), build_pair=build_pair,
                 num_special_tokens_pair=4, adapterhub_model_class='RobertaAdapterModel',
-                sequence_classifier=sequence_classifier)
+                adapterhub_modules=bert.ADAPTERHUB, sequence_classifier=sequence_classifier)
