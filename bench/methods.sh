@@ -5,7 +5,8 @@
 #   .venv/bin/python bench/methods_table.py results.jsonl
 # Defaults: BERT-base geometry (random weights), batch 32 x 128, 4 timed steps after 1
 # warm-up. Overrides for smoke tests: MODEL=tiny BATCH=4 SEQ=16 STEPS=1 WARMUP=1
-# METHODS="lora mam" INFER_ROUNDS=1 INFER_REPS=1 (MODEL may also be a checkpoint dir).
+# METHODS="lora mam" INFER_ROUNDS=1 INFER_REPS=1 (MODEL may also be a checkpoint dir, e.g. from
+# bench/family_checkpoints.py; INFER_ROUNDS=0 skips the inference check).
 # Needs ../peer-venv (../shared/bench/README.md) and the project's .venv. A run that fails
 # prints an {"error": ...} line and the sitting goes on.
 set -uo pipefail
@@ -41,5 +42,5 @@ for round in $(seq "$ROUNDS"); do
 done
 INFER_MODEL=$MODEL
 [ -d "$MODEL" ] && INFER_MODEL=bert-base  # merged_inference builds random geometries only
-run adapter_tuning merged_inference "$OURS_PY" bench/merged_inference.py --model "$INFER_MODEL" \
+[ "${INFER_ROUNDS:-5}" = 0 ] || run adapter_tuning merged_inference "$OURS_PY" bench/merged_inference.py --model "$INFER_MODEL" \
   --batch_size "$BATCH" --seq_len "$SEQ" --rounds "${INFER_ROUNDS:-5}" --reps "${INFER_REPS:-3}"

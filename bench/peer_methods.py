@@ -55,7 +55,7 @@ def parse_args(argv=None):
 def build_model(args):
   """BertAdapterModel (random or loaded) with a 1-layer classification head on [CLS]."""
   import torch
-  from adapters import BertAdapterModel
+  from adapters import AutoAdapterModel, BertAdapterModel
   from transformers import BertConfig
 
   torch.manual_seed(args.seed)
@@ -68,9 +68,27 @@ def build_model(args):
                                         num_attention_heads=t['num_heads'],
                                         intermediate_size=t['intermediate_size']))
   else:
-    model = BertAdapterModel.from_pretrained(args.model)
+    model = _load_directory(args.model)
+    if model is not None:
+      return model.to(torch.float32)
+    model = AutoAdapterModel.from_pretrained(args.model)
   model = model.to(torch.float32)
   model.add_classification_head('cls', num_labels=2, layers=1, use_pooler=False)
+  return model
+
+
+def _load_directory(directory: str):
+  """A checkpoint whose model_type AdapterHub 1.3 has no *AdapterModel for (ModernBERT):
+  transformers' sequence classifier with `adapters.init` (the plugin interface); its
+  classifier (on [CLS], as our head) trains, see `set_trainable`. None for the others."""
+  import adapters
+  import transformers
+  model_type = json.loads((pathlib.Path(directory) / 'config.json').read_text())['model_type']
+  if model_type != 'modernbert':
+    return None
+  model = transformers.AutoModelForSequenceClassification.from_pretrained(
+      directory, num_labels=2, classifier_pooling='cls')
+  adapters.init(model)
   return model
 
 
@@ -128,6 +146,9 @@ def set_trainable(model, spec: dict, config) -> None:
   if config is not None:
     model.add_adapter(NAME, config=config)
     model.train_adapter(NAME)  # freezes the base, unfreezes the adapter; the head trains
+    for n, p in model.named_parameters():  # a plugin-interface model's own head (ModernBERT)
+      if n.startswith(('classifier.', 'head.')):
+        p.requires_grad_(True)
   elif spec['trainable'] == 'bitfit':
     for n, p in model.named_parameters():
       p.requires_grad_(n.endswith('bias') or n.startswith('heads.'))
