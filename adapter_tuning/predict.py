@@ -47,45 +47,21 @@ MNLI_FILES = {'test_matched': 'MNLI-m.tsv', 'test_mismatched': 'MNLI-mm.tsv'}
 STRING_LABEL_TASKS = ('glue/mnli', 'glue/qnli', 'glue/rte')  # the server wants label names
 
 
-def _bucket(length: int, limit: int) -> int:
-  """Pad lengths to a multiple of 32 (few compiled shapes)."""
-  return min(limit, ((length + 31) // 32) * 32)
-
-
 def predict_rows(mt, rows: list[dict], batch_size: int, max_seq_length: int) -> list[dict]:
   """rows: {'text', 'text_pair', 'task'} -> {'task', 'label' and 'logits' | 'score'}."""
-  from adapter_tuning.models.heads import head_kind
-  tok = mt.pretrained.tokenizer
+  from adapter_tuning.serving.multi_adapter import (bucket_length, output_fields,
+                                                    padded_logits, tokenize_rows)
   task_ids = np.asarray([mt.task_index(r.get('task')) for r in rows], np.int32)
-  pairs = [r.get('text_pair') for r in rows]
   limit = min(max_seq_length, mt.pretrained.config.max_seq_length)
-  ids = []  # (row index, token ids, token type ids)
-  # Pairs and single texts tokenise separately (the tokenizer takes one kind per call).
-  for has_pair in (False, True):
-    idx = [i for i, p in enumerate(pairs) if (p is not None) == has_pair]
-    if idx:
-      a, b = tok.tokenize([rows[i]['text'] for i in idx],
-                          [pairs[i] for i in idx] if has_pair else None, limit)
-      for j, i in enumerate(idx):
-        ids.append((i, a[j], b[j]))
-  ids.sort(key=lambda t: t[0])
-  order = np.argsort([len(x[1]) for x in ids], kind='stable')  # similar lengths together
+  ids = tokenize_rows(mt.pretrained.tokenizer, rows, limit)
+  order = np.argsort([len(x[0]) for x in ids], kind='stable')  # similar lengths together
   out: list[dict | None] = [None] * len(rows)
   for start in range(0, len(rows), batch_size):
     chunk = order[start:start + batch_size]
-    length = _bucket(max(len(ids[i][1]) for i in chunk), limit)
-    batch = tok.pad([ids[i][1] for i in chunk], [ids[i][2] for i in chunk], length)
-    pad_rows = batch_size - len(chunk)  # fixed batch shape: pad with copies of row 0
-    tids = task_ids[chunk]
-    if pad_rows:
-      batch = {k: np.concatenate([v, np.repeat(v[:1], pad_rows, 0)]) for k, v in batch.items()}
-      tids = np.concatenate([tids, np.repeat(tids[:1], pad_rows)])
-    logits = mt.logits(tids, batch)[:len(chunk)]
+    length = bucket_length(max(len(ids[i][0]) for i in chunk), limit)
+    logits = padded_logits(mt, task_ids[chunk], [ids[i] for i in chunk], length, batch_size)
     for row, i in zip(logits, chunk):
-      task = mt.tasks[task_ids[i]]
-      row = row[:task.num_outputs]
-      out[i] = {'task': task.name,
-                **head_kind(task.head).output_fields(row, task.label_names)}
+      out[i] = output_fields(mt, task_ids[i], row)
   return out  # type: ignore[return-value]
 
 

@@ -149,3 +149,49 @@ class MultiTaskModel:
     return np.asarray(self._forward(self.stacked, self.frozen, jnp.asarray(task_ids, jnp.int32),
                                     batch['input_ids'], batch['attention_mask'],
                                     batch['token_type_ids']))
+
+
+# Rows of text to output lines, shared by `predict` (files) and `serve` (HTTP).
+
+def bucket_length(length: int, limit: int) -> int:
+  """Pad lengths to a multiple of 32 (few compiled shapes)."""
+  return min(limit, ((length + 31) // 32) * 32)
+
+
+def tokenize_rows(tok, rows: list[dict], limit: int) -> list[tuple]:
+  """(token ids, token type ids) per row, in row order, truncated to `limit` tokens.
+
+  Pairs and single texts tokenise separately (the tokenizer takes one kind per call).
+  """
+  pairs = [r.get('text_pair') for r in rows]
+  ids: list = [None] * len(rows)
+  for has_pair in (False, True):
+    idx = [i for i, p in enumerate(pairs) if (p is not None) == has_pair]
+    if idx:
+      a, b = tok.tokenize([rows[i]['text'] for i in idx],
+                          [pairs[i] for i in idx] if has_pair else None, limit)
+      for j, i in enumerate(idx):
+        ids[i] = (a[j], b[j])
+  return ids
+
+
+def padded_logits(mt, task_ids, ids: list[tuple], length: int, batch_rows: int) -> np.ndarray:
+  """Logits of `ids` (from `tokenize_rows`) padded to a fixed [batch_rows, length] shape.
+
+  Fixed shapes keep the number of compiled programs small; the extra rows are copies of
+  row 0 and are dropped from the result.
+  """
+  batch = mt.pretrained.tokenizer.pad([x[0] for x in ids], [x[1] for x in ids], length)
+  tids = np.asarray(task_ids, np.int32)
+  pad_rows = batch_rows - len(ids)
+  if pad_rows:
+    batch = {k: np.concatenate([v, np.repeat(v[:1], pad_rows, 0)]) for k, v in batch.items()}
+    tids = np.concatenate([tids, np.repeat(tids[:1], pad_rows)])
+  return mt.logits(tids, batch)[:len(ids)]
+
+
+def output_fields(mt, task_id: int, logits_row) -> dict:
+  """One output line: the task's name, and its head's fields ('label' and 'logits' | 'score')."""
+  task = mt.tasks[task_id]
+  return {'task': task.name,
+          **head_kind(task.head).output_fields(logits_row[:task.num_outputs], task.label_names)}
