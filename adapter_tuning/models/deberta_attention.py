@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from adapter_tuning.errors import UsageError
-from adapter_tuning.models.encoder import Dropout, ModelConfig, _site_rng, hooked
+from adapter_tuning.models.encoder import Dropout, ModelConfig, _site_rng, head_mask, hooked
 
 POSITION_TERMS = ('c2p', 'p2c')
 
@@ -177,7 +177,7 @@ class DisentangledSelfAttention(nn.Module):
         pos_k = projection('pos_key')(table)[0] if 'c2p' in terms else None
       logits_BxNxTxT += position_bias(q_BxTxNxH, k_BxTxNxH, pos_q, pos_k,
                                       shared['positions'], options) / scale
-    logits_BxNxTxT = jnp.where(mask_BxT[:, None, None, :], logits_BxNxTxT,
+    logits_BxNxTxT = jnp.where(head_mask(mask_BxT), logits_BxNxTxT,
                                jnp.finfo(logits_BxNxTxT.dtype).min)
     probs_BxNxTxT = jax.nn.softmax(logits_BxNxTxT.astype(jnp.float32), axis=-1)
     probs_BxNxTxT = Dropout(cfg.attention_dropout)(probs_BxNxTxT, deterministic=deterministic,

@@ -146,11 +146,15 @@ class Embeddings(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, input_ids_BxT, token_type_ids_BxT, deterministic: bool, mask_BxT=None):
+  def __call__(self, input_ids_BxT, token_type_ids_BxT, deterministic: bool, mask_BxT=None,
+               positions_BxT=None):
+    """`positions_BxT`: position ids (packed rows restart them per example); by default
+    the family's."""
     from adapter_tuning.models.families import family_named
     cfg = self.config
     width = cfg.embedding_width
-    positions_BxT = family_named(cfg.family).position_ids(input_ids_BxT, cfg)
+    if positions_BxT is None:
+      positions_BxT = family_named(cfg.family).position_ids(input_ids_BxT, cfg)
     x = nn.Embed(cfg.vocab_size, width, name='word_embeddings')(input_ids_BxT)
     if cfg.absolute_positions:
       x += nn.Embed(cfg.max_positions, width, name='position_embeddings')(positions_BxT)
@@ -164,6 +168,45 @@ class Embeddings(nn.Module):
     if width != cfg.hidden_size:
       x = nn.Dense(cfg.hidden_size, dtype=self.dtype, name='project')(x)
     return x.astype(self.dtype)
+
+
+def head_mask(mask):
+  """[B, 1, T, S] bool for the attention logits from a key mask [B, S] or a query-by-key
+  mask [B, T, S] (packed rows: each token sees its own example only; ModernBERT's window)."""
+  return mask[:, None] if mask.ndim == 3 else mask[:, None, None, :]
+
+
+def same_segment(segment_ids_BxT):
+  """[B, T, T] bool: query and key in the same packed example (segment 0 is padding)."""
+  return ((segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :])
+          & (segment_ids_BxT[:, None, :] > 0))
+
+
+def segment_positions(segment_ids_BxT):
+  """[B, T] each token's index within its own packed example (0 at its first token)."""
+  index = jax.lax.broadcasted_iota(jnp.int32, segment_ids_BxT.shape, 1)
+  starts = jnp.concatenate([jnp.ones_like(segment_ids_BxT[:, :1], bool),
+                            segment_ids_BxT[:, 1:] != segment_ids_BxT[:, :-1]], axis=1)
+  return index - jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
+
+
+def pool_tokens(x_BxTxD, mask_BxT, how: str, segments=None):
+  """One vector per example: its first token ('cls') or the mean over its real tokens
+  ('mean'); [B, D], or [E, D] for the E examples packed into the rows (`segments`:
+  segment_ids [B, T], example_row [E], example_start [E])."""
+  if segments is None:
+    if how == 'cls':
+      return x_BxTxD[:, 0]
+    m_BxTx1 = mask_BxT[..., None].astype(x_BxTxD.dtype)
+    return (x_BxTxD * m_BxTx1).sum(1) / jnp.maximum(m_BxTx1.sum(1), 1)
+  row_E, start_E = segments['example_row'], segments['example_start']
+  if how == 'cls':
+    return x_BxTxD[row_E, start_E]
+  seg_ExT = segments['segment_ids'][row_E]
+  member_ExT = (seg_ExT == seg_ExT[jnp.arange(row_E.shape[0]), start_E][:, None]) & (seg_ExT > 0)
+  weights_ExT = member_ExT.astype(x_BxTxD.dtype)
+  total_ExD = jnp.einsum('et,etd->ed', weights_ExT, x_BxTxD[row_E])
+  return total_ExD / jnp.maximum(weights_ExT.sum(1), 1)[:, None]
 
 
 def folded_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, mask_BxT, drop_probs):
@@ -182,8 +225,7 @@ def folded_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, mask_BxT, drop_probs):
   logits_BxNxTxT = jax.lax.dot_general(
       q, fold(k_BxTxNxH), (((2,), (2,)), ((0,), (0,)))).reshape(b, n, t, s)
   big_neg = jnp.finfo(logits_BxNxTxT.dtype).min
-  key_mask = mask_BxT[:, None] if mask_BxT.ndim == 3 else mask_BxT[:, None, None, :]
-  logits_BxNxTxT = jnp.where(key_mask, logits_BxNxTxT, big_neg)
+  logits_BxNxTxT = jnp.where(head_mask(mask_BxT), logits_BxNxTxT, big_neg)
   probs_BxNxTxT = drop_probs(jax.nn.softmax(logits_BxNxTxT.astype(jnp.float32), axis=-1))
   out = jax.lax.dot_general(probs_BxNxTxT.astype(v_BxTxNxH.dtype).reshape(b * n, t, s),
                             fold(v_BxTxNxH), (((2,), (1,)), ((0,), (0,))))
@@ -226,7 +268,7 @@ class SelfAttention(nn.Module):
                                      lambda p: drop(p, deterministic=False, rng=dropout_rng))
     else:
       out_BxTxNxH = jax.nn.dot_product_attention(
-          q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, mask=mask_BxT[:, None, None, :])
+          q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, mask=head_mask(mask_BxT))
     return project('attention_out', out_BxTxNxH, nn.DenseGeneral(
         cfg.hidden_size, axis=(-2, -1), dtype=self.dtype, name='out')(out_BxTxNxH))
 
@@ -351,15 +393,24 @@ class Encoder(nn.Module):
 
   @nn.compact
   def __call__(self, input_ids_BxT, attention_mask_BxT, token_type_ids_BxT=None,
-               deterministic: bool = True):
+               deterministic: bool = True, segments=None):
+    """`segments`: for rows that pack several examples (data.packing), their segment_ids
+    [B, T] (1, 2, ... per example, 0 padding), example_row [E] and example_start [E]:
+    attention stays within an example, positions restart per example, and `pooled` is
+    [E, D], one vector per example."""
     from adapter_tuning.models.families import family_named
     cfg = self.config
+    family = family_named(cfg.family)
     if token_type_ids_BxT is None:
       token_type_ids_BxT = jnp.zeros_like(input_ids_BxT)
     mask_BxT = attention_mask_BxT.astype(bool)
+    positions_BxT = None
+    if segments is not None:
+      positions_BxT = family.position_offset(cfg) + segment_positions(segments['segment_ids'])
     x_BxTxD = Embeddings(cfg, self.dtype, name='embeddings')(
-        input_ids_BxT, token_type_ids_BxT, deterministic, mask_BxT)
-    family = family_named(cfg.family)
+        input_ids_BxT, token_type_ids_BxT, deterministic, mask_BxT, positions_BxT)
+    if segments is not None:
+      mask_BxT = same_segment(segments['segment_ids'])  # [B, T, T] from here on
     shared = None if family.attention is None else family.attention.shared(
         cfg, self.dtype, name='relative_positions')(input_ids_BxT.shape[1])
     layers_rng = None if deterministic else self.make_rng('dropout')
@@ -380,7 +431,7 @@ class Encoder(nn.Module):
       x_BxTxD = nn.LayerNorm(epsilon=cfg.layer_norm_eps, use_bias=cfg.norm_bias, dtype=self.dtype,
                              name='final_layer_norm')(x_BxTxD)
     pooled_BxD = Pooler(cfg, cfg.pooler_act or family.pooler_act, self.dtype, name='pooler')(
-        x_BxTxD, mask_BxT)
+        x_BxTxD, attention_mask_BxT, segments)
     return {'last_hidden_state': x_BxTxD, 'pooled': pooled_BxD}
 
   def _scanned_layers(self, x_BxTxD, mask_BxT, deterministic, layers_rng, prefix_kv=None,
@@ -419,13 +470,9 @@ class Pooler(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x_BxTxD, mask_BxT):
+  def __call__(self, x_BxTxD, mask_BxT, segments=None):
     cfg = self.config
-    if cfg.pooler_input == 'mean':
-      m_BxTx1 = mask_BxT[..., None].astype(x_BxTxD.dtype)
-      x_BxD = (x_BxTxD * m_BxTx1).sum(1) / jnp.maximum(m_BxTx1.sum(1), 1)
-    else:
-      x_BxD = x_BxTxD[:, 0]
+    x_BxD = pool_tokens(x_BxTxD, mask_BxT, cfg.pooler_input, segments)
     kernel = self.param('kernel', nn.initializers.lecun_normal(),
                         (x_BxD.shape[-1], cfg.hidden_size))
     y_BxD = jnp.dot(x_BxD.astype(self.dtype), kernel.astype(self.dtype))
@@ -455,9 +502,11 @@ def with_prefix(prefix_kv, k_BxTxNxH, v_BxTxNxH, mask_BxT):
   batch = lambda y_PxNxH: jnp.broadcast_to(y_PxNxH.astype(k_BxTxNxH.dtype),
                                            (b,) + y_PxNxH.shape)
   keep_BxP = jnp.ones((b, p), bool) if keep_P is None else jnp.broadcast_to(keep_P, (b, p))
+  if mask_BxT.ndim == 3:  # a query-by-key mask: every query sees the prefix alike
+    keep_BxP = jnp.broadcast_to(keep_BxP[:, None], (b, mask_BxT.shape[1], p))
   return (jnp.concatenate([batch(kv_2xPxNxH[0]), k_BxTxNxH], axis=1),
           jnp.concatenate([batch(kv_2xPxNxH[1]), v_BxTxNxH], axis=1),
-          jnp.concatenate([keep_BxP, mask_BxT], axis=1))
+          jnp.concatenate([keep_BxP, mask_BxT], axis=-1))
 
 
 # `model.remat` names: what each layer keeps from its forward pass for the backward pass.

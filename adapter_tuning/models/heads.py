@@ -21,21 +21,18 @@ import numpy as np
 import optax
 
 from adapter_tuning.errors import UsageError
-from adapter_tuning.models.encoder import Dropout, Encoder, ModelConfig
+from adapter_tuning.models.encoder import Dropout, Encoder, ModelConfig, pool_tokens
 
 POOLINGS = ('pooler', 'cls', 'mean')
 HEAD_INIT = nn.initializers.normal(0.02)  # every head kernel; biases start at zero
 
 
-def pool(enc: dict, attention_mask_BxT, pooling: str):
-  """The sentence vector [B, d] the head reads (see the module docstring)."""
+def pool(enc: dict, attention_mask_BxT, pooling: str, segments=None):
+  """The sentence vector [B, d] the head reads (see the module docstring); [E, d] for the
+  E examples of packed rows (`segments`, as `Encoder` takes them)."""
   if pooling == 'pooler':
     return enc['pooled']
-  hidden_BxTxD = enc['last_hidden_state']
-  if pooling == 'cls':
-    return hidden_BxTxD[:, 0]
-  mask_BxTx1 = attention_mask_BxT[..., None].astype(hidden_BxTxD.dtype)
-  return (hidden_BxTxD * mask_BxTx1).sum(1) / jnp.maximum(mask_BxTx1.sum(1), 1)
+  return pool_tokens(enc['last_hidden_state'], attention_mask_BxT, pooling, segments)
 
 
 class HeadKind:
@@ -214,14 +211,18 @@ class TaskModel(nn.Module):
 
   @nn.compact
   def __call__(self, input_ids_BxT, attention_mask_BxT, token_type_ids_BxT=None,
-               deterministic: bool = True):
+               deterministic: bool = True, segments=None):
+    """`segments`: packed rows (`Encoder`); the logits are then one row per example [E, n]."""
     enc = Encoder(self.config, self.adapter, self.dtype, self.remat, self.scan,
                   name='encoder')(input_ids_BxT, attention_mask_BxT, token_type_ids_BxT,
-                                  deterministic)
+                                  deterministic, segments)
     if head_kind(self.head).per_token:
+      if segments is not None:
+        raise UsageError(f'data.packing is for heads with one output per example, not '
+                         f'{self.head}; set data.packing=false')
       x = enc['last_hidden_state']
     else:
-      x = pool(enc, attention_mask_BxT, self.pooling)
+      x = pool(enc, attention_mask_BxT, self.pooling, segments)
     x = Dropout(self.config.hidden_dropout)(x, deterministic)
     return nn.Dense(self.num_outputs, kernel_init=HEAD_INIT, name='head')(x.astype(jnp.float32))
 

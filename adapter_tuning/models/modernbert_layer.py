@@ -111,7 +111,8 @@ class Attention(nn.Module):
       k_BxTxNxH, v_BxTxNxH, mask_BxT = with_prefix(prefix_kv, k_BxTxNxH, v_BxTxNxH, mask_BxT)
     t, s = x_BxTxD.shape[1], k_BxTxNxH.shape[1]
     near_TxS = window_mask(t, None if is_global else options.local_attention, s - t)
-    mask_BxTxS = jnp.broadcast_to(mask_BxT[:, None, :], (mask_BxT.shape[0], t, s))
+    mask_BxTxS = (mask_BxT if mask_BxT.ndim == 3 else  # packed rows: already per query
+                  jnp.broadcast_to(mask_BxT[:, None, :], (mask_BxT.shape[0], t, s)))
     if near_TxS is not None:
       mask_BxTxS = mask_BxTxS & near_TxS[None]
     if not deterministic and cfg.attention_dropout > 0:
