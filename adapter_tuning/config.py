@@ -34,6 +34,12 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.data = _data_keys()
 
+  # Devices (training/parallel.py). Not part of a run's identity: a run checkpointed under one
+  # mesh resumes under another (training/workdir.py).
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.fsdp = 1                    # devices per fsdp group: the frozen base's matrices are
+                                     # split over them (1 = every device holds the whole base)
+
   c.batch_size = 32                  # global batch (all devices, all processes)
   c.eval_batch_size = 64             # global eval batch
   c.learning_rate = 3e-4             # peak learning rate (paper grid: 3e-5, 3e-4, 3e-3)
@@ -65,7 +71,10 @@ def _model_keys() -> ml_collections.ConfigDict:
   m = ml_collections.ConfigDict()
   m.checkpoint = 'bert-base-uncased'  # HF checkpoint directory or hub name (needs network)
   m.dtype = 'float32'                 # compute dtype: float32 | bfloat16 (params stay fp32)
-  m.remat = False                     # rematerialise layers in backward (saves activation memory)
+  # Rematerialise each layer in the backward pass (saves activation memory): none | full
+  # (recompute everything) | dots_saveable (keep matmul outputs, recompute the rest) | another
+  # jax.checkpoint_policies name; true/false = full/none.
+  m.remat = ml_collections.FieldReference('none', field_type=object)
   m.scan_layers = False               # lax.scan over identical layers (modeling.Encoder.scan):
                                       # compiles slower; faster steps on BERT-base (BENCHMARKS.md)
   m.adapter = ml_collections.ConfigDict()
@@ -77,6 +86,8 @@ def _model_keys() -> ml_collections.ConfigDict:
   m.adapter.activation = 'gelu'       # gelu (exact) | gelu_tanh | relu | swish | tanh
   m.adapter.layers = ml_collections.FieldReference(None, field_type=tuple)  # layer indices with adapters; None or () = all
   m.adapter.original_ln_before = False  # adapter reads LN(x + h), LN again after (AdapterHub SeqBnConfig default)
+  m.adapter.drop_lowest = 0           # AdapterDrop (robust): each step drops the adapters of the
+                                      # lowest k' ~ U{0..N} layers; 0 = off (training only)
 
   m.lora = ml_collections.ConfigDict()  # LoRA (peft/lora.py); combines with adapters
   m.lora.rank = 0                     # rank r of each update; 0 = LoRA off
@@ -92,6 +103,13 @@ def _model_keys() -> ml_collections.ConfigDict:
   m.prefix.length = 0                 # P key/value prefix positions per layer; 0 = off
   m.prefix.bottleneck = 512           # width of the reparametrisation MLP; 0 = flat prefixes
   m.prefix.keep_mlp = False           # the artifact keeps the MLP, not the prefixes it computes
+
+  m.fusion = ml_collections.ConfigDict()  # AdapterFusion (peft/fusion.py); runs alone
+  m.fusion.adapters = ''              # comma-separated bottleneck-adapter artifact folders of
+                                      # this base to fuse; '' = off (their weights stay frozen)
+  m.fusion.dropout = -1.0             # dropout on the fusion scores; -1 = the base's attention
+                                      # dropout (AdapterHub's default)
+  m.fusion.regularization = 0.01      # strength of ||I - V||^2 on the value matrix (AdapterHub)
 
   m.head = ml_collections.ConfigDict()
   m.head.pooling = 'pooler'           # sentence vector of classification/regression heads:
@@ -125,6 +143,9 @@ def _data_keys() -> ml_collections.ConfigDict:
   m.bucket_shape_cost = 8192    # fit_buckets: padded token positions a further compiled shape
                                 # must save (its compile time over the time of one padded
                                 # position; ~8k on 2 CPU cores); 0 = always num_buckets
+  m.packing = False             # pack several examples per row of max_seq_length (one
+                                # process; heads with one output per example): the
+                                # num_buckets row counts replace the length buckets
   m.doc_stride = 128            # squad: stride between context windows
   m.max_query_length = 64       # squad: question tokens kept
   m.max_answer_length = 30      # squad: longest answer span considered at eval
@@ -156,6 +177,11 @@ def _check_types(config: ml_collections.ConfigDict, reference: ml_collections.Co
     if key not in reference:
       raise UsageError(f'unknown config key {name!r}; see adapter_tuning/config.py for valid keys')
     value, ref = config[key], reference[key]
+    if name == 'model.remat':  # a policy name, or true/false
+      if not isinstance(value, (str, bool)):
+        raise UsageError(f'config.model.remat must be none, full, dots_saveable or true/false, '
+                         f'got {value!r}')
+      continue
     if name == 'trainable':  # a preset name, 'REGEX=mode;...', or a list of (regex, mode)
       if not isinstance(value, (str, list, tuple)):
         raise UsageError(f'config.trainable must be a preset name or (regex, mode) rules, got '
@@ -207,12 +233,15 @@ def validate(config: ml_collections.ConfigDict):
       (config.early_stopping_patience >= 0, 'early_stopping_patience must be >= 0 (0 = off)'),
       (config.early_stopping_patience == 0 or config.eval_every_steps > 0,
        'early_stopping_patience needs evaluations during training: set eval_every_steps'),
+      (config.mesh.fsdp >= 1, f'mesh.fsdp must be >= 1, got {config.mesh.fsdp}'),
       (config.model.lora.rank >= 0,
        f'model.lora.rank must be >= 0 (0 = off), got {config.model.lora.rank}'),
   ]
   for ok, message in checks:
     if not ok:
       raise UsageError(message)
+  from adapter_tuning.models.encoder import remat_policy
+  remat_policy(config.model.remat)  # an unknown policy name is one line here
   from adapter_tuning import peft
   peft.from_run_config(config)  # each method checks its own keys (one line, before loading)
   _check_task(config.data)

@@ -57,7 +57,12 @@ def parse_args(argv=None):
   p.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
   p.add_argument('--remat', action='store_true')
   p.add_argument('--scan', action='store_true', help='scan over the layer stack (Encoder.scan)')
-  p.add_argument('--adapter_layers', default='', help='e.g. 6-11: adapters (and LNs) only there')
+  p.add_argument('--adapter_layers', default='',
+                 help='e.g. 6,7,8,9,10,11 or 6-11: adapters (and, with --trainable adapters, '
+                      'LNs) only there; with --trainable peft nothing below them trains')
+  p.add_argument('--drop_lowest', type=int, default=0,
+                 help="AdapterDrop's robust variant: each step drops the adapters of the lowest "
+                      "k' ~ U{0..N} layers (model.adapter.drop_lowest)")
   p.add_argument('--params_only', action='store_true',
                  help='print the parameter counts and stop (no compile, no steps)')
   return p.parse_args(argv)
@@ -107,12 +112,11 @@ def adapter_and_rules(args, config):
     spec = method_specs.METHODS[args.method]
     args.trainable = spec['trainable']
     return method_config(spec, config.hidden_size), tl.resolve(args.trainable, config.num_layers)
-  adapter = layers = None
-  if args.adapter_layers:
-    lo, hi = (int(x) for x in args.adapter_layers.split('-'))
-    layers = tuple(range(lo, hi + 1))
-  if args.trainable == 'adapters' and args.placement != 'none':
-    adapter = AdapterConfig(size=args.adapter_size, placement=args.placement, layers=layers)
+  adapter = None
+  layers = parse_layers(args.adapter_layers) if args.adapter_layers else None
+  if args.trainable in ('adapters', 'peft') and args.placement != 'none':
+    adapter = AdapterConfig(size=args.adapter_size, placement=args.placement, layers=layers,
+                            drop_lowest=args.drop_lowest)
   rules = tl.resolve(args.trainable, config.num_layers)
   if layers is not None and args.trainable == 'adapters':
     # Train only adapters and layer norms of the adapted layers (and the head).
@@ -120,6 +124,15 @@ def adapter_and_rules(args, config):
     rules = ((rf'^encoder/layer_({pattern})/.*(_adapter|layer_norm)/', 'train'),
              (r'^head/', 'train'), (r'.*', 'freeze'))
   return adapter, rules
+
+
+def parse_layers(text: str) -> tuple[int, ...]:
+  """'6,7,8' or '6-11' or a mix ('0,6-11') -> sorted layer indices."""
+  layers = set()
+  for part in text.split(','):
+    lo, _, hi = part.strip().partition('-')
+    layers.update(range(int(lo), int(hi or lo) + 1))
+  return tuple(sorted(layers))
 
 
 def random_params(model, adapter, config):
@@ -176,7 +189,10 @@ def flops_per_step(config, counts, args) -> float:
   forward = 2 * matmul + attention
   if args.trainable == 'full':
     return 3 * forward * tokens
-  return (2 * forward + 2 * counts['trainable']) * tokens
+  # The input-gradient backward ends at the lowest adapted layer (nothing below trains).
+  lowest = min(parse_layers(args.adapter_layers)) if args.adapter_layers else 0
+  backward = forward * (config.num_layers - lowest) / config.num_layers
+  return (forward + backward + 2 * counts['trainable']) * tokens
 
 
 def peft_fields(adapter):
@@ -269,7 +285,7 @@ def result_line(args, model, config, counts, times, state, metrics, compile_s, x
       'adapter_size': args.adapter_size, 'batch_size': args.batch_size, 'seq_len': args.seq_len,
       'dtype': args.dtype, 'remat': args.remat, 'scan': args.scan,
       'huge_pages': 'glibc.malloc.hugetlb=1' in os.environ.get('GLIBC_TUNABLES', ''),
-      'adapter_layers': args.adapter_layers or 'all',
+      'adapter_layers': args.adapter_layers or 'all', 'drop_lowest': args.drop_lowest,
       'steps': args.steps, 'warmup': args.warmup,
       **method_specs.timing(times, args.batch_size, args.seq_len),
       'model_gflops_per_step': flops / 1e9, 'model_gflops_per_s': flops / median / 1e9,

@@ -12,6 +12,7 @@ import dataclasses
 from typing import Optional, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -41,6 +42,11 @@ class AdapterConfig(MethodConfig):
     init_scale: std of the truncated normal (at 2 std) for both projections; biases are
       zero. 0 gives an exact identity, so the model equals its base.
     layers: indices of transformer layers that carry adapters; None means all.
+      With `trainable=peft` nothing below the lowest adapter trains, so the backward pass
+      ends there (AdapterDrop's speed-up, Rücklé et al. 2021; tests/test_adapterdrop.py).
+    drop_lowest: AdapterDrop's robust variant: each training step draws k' uniformly from
+      0..drop_lowest (one draw per step, from the step's dropout key) and the adapters of
+      layers < k' act as the identity; evaluation and serving run every adapter. 0 = off.
     seed: seed for the adapter initialisation.
     original_ln_before: AdapterHub's `original_ln_before=True` (with residual_before_ln=True,
       `SeqBnConfig()`'s default): the adapter reads LN(x + h) instead of the sub-layer output
@@ -56,6 +62,7 @@ class AdapterConfig(MethodConfig):
   seed: int = 0
   original_ln_before: bool = False
   scaling: float = 1.0
+  drop_lowest: int = 0
 
   def __post_init__(self):
     if not isinstance(self.size, int) or self.size <= 0:
@@ -77,6 +84,9 @@ class AdapterConfig(MethodConfig):
                        'does not apply; set model.adapter.original_ln_before=false')
     if self.layers is not None:
       object.__setattr__(self, 'layers', tuple(int(i) for i in self.layers))
+    if not isinstance(self.drop_lowest, int) or self.drop_lowest < 0:
+      raise UsageError(f'adapter drop_lowest must be an integer >= 0, got {self.drop_lowest!r}; '
+                       'set model.adapter.drop_lowest (0 = off)')
 
   @classmethod
   def from_any(cls, adapter) -> 'AdapterConfig | None':
@@ -121,7 +131,8 @@ class AdapterConfig(MethodConfig):
     if site not in SITES or not self.has_adapter(layer, site):
       return None
     return Adapter(self.size, self.activation, self.original_ln_before, self.parallel,
-                   self.scaling, dtype=dtype, name=f'{site}{PARAM_MARKER}')
+                   self.scaling, dtype=dtype, layer=layer, drop_lowest=self.drop_lowest,
+                   name=f'{site}{PARAM_MARKER}')
 
   def init_layer(self, layer_params: dict, layer: int):
     """Draws this layer's adapter kernels in place (`init_kernels`)."""
@@ -168,6 +179,7 @@ class Adapter(nn.Module):
   original_ln_before the bottleneck reads norm(residual + y) instead of y:
   norm(residual + y + s * up(f(down(norm(residual + y))))); a parallel adapter reads the
   sub-layer's input: norm(residual + y + s * up(f(down(residual)))). Params: `init_kernels`.
+  `layer` and `drop_lowest`: AdapterDrop while training (`AdapterConfig.drop_lowest`).
   """
 
   size: int
@@ -176,6 +188,8 @@ class Adapter(nn.Module):
   parallel: bool = False
   scaling: float = 1.0
   dtype: jnp.dtype = jnp.float32
+  layer: int = 0
+  drop_lowest: int = 0
 
   @nn.compact
   def __call__(self, y_BxTxD, residual_BxTxD=None, norm=None):
@@ -188,7 +202,29 @@ class Adapter(nn.Module):
     h_BxTxM = nn.Dense(self.size, kernel_init=init, dtype=self.dtype, name='down')(x_BxTxD)
     h_BxTxM = ACTIVATIONS[self.activation](h_BxTxM)
     up_BxTxD = nn.Dense(hidden, kernel_init=init, dtype=self.dtype, name='up')(h_BxTxM)
-    return y_BxTxD + (up_BxTxD if self.scaling == 1.0 else self.scaling * up_BxTxD)
+    out_BxTxD = y_BxTxD + (up_BxTxD if self.scaling == 1.0 else self.scaling * up_BxTxD)
+    if self.layer >= self.drop_lowest or not self.has_rng('dropout'):
+      return out_BxTxD  # never dropped here, or not training (no dropout stream)
+    return jnp.where(self.layer < lowest_dropped(step_dropout_key(self), self.drop_lowest),
+                     y_BxTxD, out_BxTxD)
+
+
+ADAPTER_DROP_SALT = 0x4144_4450  # folded into the step's key for k' ('ADDP'); no other use
+
+
+def step_dropout_key(module: nn.Module):
+  """The key the train step gave `apply` as its 'dropout' stream, the same in every layer.
+
+  A module's `make_rng` folds in the module's own path, but AdapterDrop needs one draw of k'
+  per step that every layer's adapter reads; Flax keeps the apply's key in each scope's lazy
+  RNG with the path only as a suffix, which `clear_suffix` drops.
+  """
+  return module.scope.rngs['dropout'].clear_suffix().as_jax_rng()
+
+
+def lowest_dropped(key, drop_lowest: int):
+  """k' ~ uniform on 0..drop_lowest: this step drops the adapters of layers < k'."""
+  return jax.random.randint(jax.random.fold_in(key, ADAPTER_DROP_SALT), (), 0, drop_lowest + 1)
 
 
 def from_run_config(config) -> AdapterConfig | None:
@@ -196,11 +232,15 @@ def from_run_config(config) -> AdapterConfig | None:
   a = config.model.adapter
   if a.placement == 'none':
     return None
+  drop_lowest = a.get('drop_lowest', 0)
+  if drop_lowest and config.model.get('scan_layers', False):
+    raise UsageError('model.adapter.drop_lowest needs each layer to know its index, which the '
+                     'layer scan does not give; set model.scan_layers=false')
   # layers: None or () = every layer (None cannot be written on a command line).
   return AdapterConfig(size=a.size, placement=a.placement, activation=a.activation,
                        init_scale=a.init_scale, layers=a.layers or None, seed=config.seed,
                        original_ln_before=a.get('original_ln_before', False),
-                       scaling=float(a.get('scaling', 1.0)))
+                       scaling=float(a.get('scaling', 1.0)), drop_lowest=drop_lowest)
 
 
 def union(configs: list[AdapterConfig]) -> AdapterConfig:
