@@ -32,6 +32,18 @@ def run_guarded(fn, verbose: bool) -> int:
   return 0
 
 
+def flags_main(flag_values, run, argv) -> int:
+  """An absl-flags entry point: parse `argv` into `flag_values` (a bad flag: one line, exit
+  2), then `run()` guarded, with tracebacks only under --verbose."""
+  from absl import flags
+  try:
+    flag_values(argv)
+  except flags.Error as e:
+    print(f'error: {str(e).splitlines()[0]}', file=sys.stderr)
+    return UsageError.exit_code
+  return run_guarded(run, flag_values.verbose)
+
+
 def _one_line(e: BaseException) -> str:
   text = str(e).strip() or type(e).__name__
   return text.splitlines()[0]

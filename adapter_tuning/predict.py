@@ -174,14 +174,8 @@ def _run():
 
 
 def main(argv=None) -> int:
-  argv = list(sys.argv if argv is None else argv)
-  try:
-    FLAGS(argv)
-  except flags.Error as e:
-    print(f'error: {str(e).splitlines()[0]}', file=sys.stderr)
-    return 2
-  from adapter_tuning.cli import run_guarded
-  return run_guarded(_run, FLAGS.verbose)
+  from adapter_tuning.cli import flags_main
+  return flags_main(FLAGS, _run, list(sys.argv if argv is None else argv))
 
 
 if __name__ == '__main__':
