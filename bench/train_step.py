@@ -232,23 +232,15 @@ def run_steps(compiled, state, frozen, batch, args):
   return times, state, metrics
 
 
-def main(argv=None):
-  """Compile the trainer's own step once, time it, print one JSON line."""
-  args = parse_args(argv)
+def prepared(args, model, params, rules, config):
+  """(compiled trainer step, its state, frozen params, batch, compile seconds)."""
   import jax
   import ml_collections
 
   from adapter_tuning.training import steps, trainable as tl
   from adapter_tuning.training.optim import make_optimizer
 
-  model, params, rules, config, tu = build(args)
   train_p, frozen_p = tl.split(params, rules)
-  counts = tl.summary(params, rules)
-  if args.params_only:
-    print(json.dumps({'tool': 'adapter_tuning', 'method': args.method, 'model': args.model,
-                      'trainable': args.trainable, 'peft_config': peft_fields(model.adapter),
-                      'trainable_params': counts['trainable'], 'total_params': counts['total']}))
-    return
   opt = ml_collections.ConfigDict(dict(learning_rate=1e-4, warmup_ratio=0.1, weight_decay=0.01,
                                        adam_b1=0.9, adam_b2=0.999, adam_eps=1e-6,
                                        grad_clip_norm=1.0))
@@ -259,7 +251,28 @@ def main(argv=None):
   step_fn = jax.jit(steps.make_train_step(model, tx, 'classification'), donate_argnums=(0,))
   t0 = time.perf_counter()
   compiled = step_fn.lower(state, frozen, batch).compile()
-  compile_s = time.perf_counter() - t0
+  return compiled, state, frozen, batch, time.perf_counter() - t0
+
+
+def compiled_step(args):
+  """The compiled step of these flags and what it runs on (bench/profile_step.py)."""
+  model, params, rules, config, _ = build(args)
+  return prepared(args, model, params, rules, config)[:4]
+
+
+def main(argv=None):
+  """Compile the trainer's own step once, time it, print one JSON line."""
+  args = parse_args(argv)
+  from adapter_tuning.training import trainable as tl
+
+  model, params, rules, config, tu = build(args)
+  counts = tl.summary(params, rules)
+  if args.params_only:
+    print(json.dumps({'tool': 'adapter_tuning', 'method': args.method, 'model': args.model,
+                      'trainable': args.trainable, 'peft_config': peft_fields(model.adapter),
+                      'trainable_params': counts['trainable'], 'total_params': counts['total']}))
+    return
+  compiled, state, frozen, batch, compile_s = prepared(args, model, params, rules, config)
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   xla_flops = float(cost.get('flops', 0.0)) if cost else 0.0
