@@ -135,45 +135,59 @@ def write_adapterhub(files, out: pathlib.Path):
   return wrote_bin
 
 
-def _write_adapterhub_files(files, tmp: pathlib.Path) -> bool:
+def write_config_and_weights(folder: pathlib.Path, config_name: str, weight_names: tuple,
+                             config: dict, state: dict) -> bool:
+  """One AdapterHub config + its weights, as its save_* methods write them: safetensors
+  (weight_names[0]) and, when torch is available, the .bin (weight_names[1]); True if both."""
   from safetensors.numpy import save_file
-
-  from adapter_tuning.interop import adapterhub as ah
   try:
     import torch
   except ImportError:
     torch = None
+  (folder / config_name).write_text(json.dumps(config, indent=2, sort_keys=True))
+  state = {k: np.ascontiguousarray(v, np.float32) for k, v in state.items()}
+  save_file(state, str(folder / weight_names[0]))
+  if torch is not None:
+    torch.save({k: torch.from_numpy(v.copy()) for k, v in state.items()}, folder / weight_names[1])
+  return torch is not None
+
+
+def _write_adapterhub_files(files, tmp: pathlib.Path) -> bool:
+  from safetensors.numpy import save_file
+
+  from adapter_tuning.interop import adapterhub as ah
+  wrote_bin = True
   for config_name, weight_names, config, state in (
       (ah.ADAPTER_CONFIG, ah.ADAPTER_WEIGHTS, files.adapter_config, files.adapter_state),
       (ah.HEAD_CONFIG, ah.HEAD_WEIGHTS, files.head_config, files.head_state)):
-    (tmp / config_name).write_text(json.dumps(config, indent=2, sort_keys=True))
-    state = {k: np.ascontiguousarray(v, np.float32) for k, v in state.items()}
-    save_file(state, str(tmp / weight_names[0]))
-    if torch is not None:
-      torch.save({k: torch.from_numpy(v.copy()) for k, v in state.items()}, tmp / weight_names[1])
+    wrote_bin = write_config_and_weights(tmp, config_name, weight_names, config, state)
   if files.layer_norm_state:
     save_file({k: np.ascontiguousarray(v, np.float32) for k, v in files.layer_norm_state.items()},
               str(tmp / ah.LAYER_NORMS))
   (tmp / 'README.md').write_text(ah.readme(files))
-  return torch is not None
+  return wrote_bin
+
+
+def read_weights(directory: pathlib.Path, names: tuple, fix: str):
+  """The first of `names` in `directory` as {key: array} (checked), or None if none is there."""
+  from adapter_tuning import fileio
+  from adapter_tuning.interop import hf_checkpoint
+  for n in names:
+    path = directory / n
+    if path.exists():
+      if path.suffix == '.safetensors':
+        return fileio.read_tensors(path, fix)
+      return fileio.check_values(path, hf_checkpoint._load_torch_bin(path), fix)  # pylint: disable=protected-access
+  return None
 
 
 def read_adapterhub(directory: pathlib.Path):
   """AdapterHubFiles from a folder written by save_adapter (safetensors preferred)."""
   from adapter_tuning import fileio
   from adapter_tuning.interop import adapterhub as ah
-  from adapter_tuning.interop import hf_checkpoint
 
   fix = 'save the adapter again with model.save_adapter (and save_head), or re-copy the folder'
-
-  def load(names):
-    for n in names:
-      path = directory / n
-      if path.exists():
-        if path.suffix == '.safetensors':
-          return fileio.read_tensors(path, fix)
-        return fileio.check_values(path, hf_checkpoint._load_torch_bin(path), fix)  # pylint: disable=protected-access
-    return None
+  load = lambda names: read_weights(directory, names, fix)
 
   def config(name):
     path = directory / name
@@ -211,6 +225,9 @@ def export_artifact(artifact_dir: pathlib.Path, out: pathlib.Path, name: str | N
   from adapter_tuning.interop import adapterhub as ah
   _check_output(out, overwrite)
   meta, params, base_dir, config = _load_artifact(artifact_dir, base)
+  from adapter_tuning.interop import adapterhub_fusion
+  if adapterhub_fusion.fusion_of(meta) is not None:  # OUT/adapters/*, fusion/, head/
+    return _export_fusion(meta, params, base_dir, config, out)
   name = name or re.sub(r'[^A-Za-z0-9_\-]', '_', str(meta.get('task') or 'adapter'))
   files = ah.to_adapterhub(params, meta, config, name, base_dir.name)
   head_config = files.head_config['config']
@@ -226,6 +243,16 @@ def export_artifact(artifact_dir: pathlib.Path, out: pathlib.Path, name: str | N
     parts.append(f'trained LayerNorms are in {ah.LAYER_NORMS}: load them with '
                  'model.base_model.load_state_dict(..., strict=False), see README.md')
   return '; '.join(parts)
+
+
+def _export_fusion(meta, params, base_dir, config, out: pathlib.Path) -> str:
+  """A fusion artifact -> AdapterHub's fusion layout (interop/adapterhub_fusion)."""
+  from adapter_tuning.interop import adapterhub_fusion
+  files = adapterhub_fusion.to_adapterhub(params, meta, config, base_dir.name)
+  if not adapterhub_fusion.write(files, out):
+    return (f'wrote AdapterHub fusion of {", ".join(files.adapters)} to {out} (safetensors '
+            'only: torch is not installed; load with use_safetensors=True); see README.md')
+  return f'wrote AdapterHub fusion of {", ".join(files.adapters)} to {out}; see README.md'
 
 
 def export_merged(artifact_dir: pathlib.Path, out: pathlib.Path, base: str | None = None,
@@ -263,6 +290,9 @@ def import_adapterhub(ah_dir: pathlib.Path, base: str, out: pathlib.Path,
                      'trained on')
   _check_output(out, overwrite)
   base_dir = _base_dir(base, 'pass --base with a local Hugging Face checkpoint directory')
+  from adapter_tuning.interop import adapterhub_fusion
+  if adapterhub_fusion.is_layout(ah_dir):  # adapters/*, fusion/, head/: a fusion + its adapters
+    return adapterhub_fusion.import_layout(ah_dir, base_dir, out, name, max_seq_length)
   config = hf_checkpoint.read_model_config(base_dir)
   files = read_adapterhub(ah_dir)
   imported = ah.from_adapterhub(files, config)
@@ -334,13 +364,8 @@ def main(argv=None) -> int:
     print(__doc__ + '\n' + FLAGS.get_help())
     return 0
   FLAGS.unparse_flags()  # in-process callers (tests) start from the defaults each time
-  try:
-    FLAGS(argv)
-  except flags.Error as e:
-    print(f'error: {str(e).splitlines()[0]}', file=sys.stderr)
-    return 2
-  from adapter_tuning.cli import run_guarded
-  return run_guarded(_run, FLAGS.verbose)
+  from adapter_tuning.cli import flags_main
+  return flags_main(FLAGS, _run, argv)
 
 
 if __name__ == '__main__':

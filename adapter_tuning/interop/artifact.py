@@ -11,6 +11,7 @@ is a one-line error naming the file, never a silent stand-in for a missing weigh
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pathlib
 import shutil
@@ -86,6 +87,17 @@ def load(directory: pathlib.Path) -> tuple[dict, dict]:
     raise fileio.file_error(directory / 'config.json', str(e), FIX) from None
   flat = fileio.read_tensors(directory / 'weights.safetensors', FIX)
   return meta, tu.unflatten_dict({tuple(k.split('/')): v for k, v in flat.items()})
+
+
+def content_hash(directory: pathlib.Path) -> str:
+  """sha256 over both files of an artifact: how a fusion artifact names the adapters it fuses,
+  so that one changed or swapped afterwards is refused rather than silently fused."""
+  digest = hashlib.sha256()
+  for name in ('config.json', 'weights.safetensors'):
+    data = (pathlib.Path(directory) / name).read_bytes()
+    digest.update(f'{name}:{len(data)}:'.encode())
+    digest.update(data)
+  return digest.hexdigest()
 
 
 def expected_shapes(meta: dict, model_config) -> dict[str, tuple]:

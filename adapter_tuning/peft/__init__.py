@@ -22,6 +22,9 @@ runs) and knows nothing else about the method:
 Prefix tuning hooks the attention keys and values of every layer from one module the
 encoder runs once per call (`MethodConfig.encoder_hook`).
 
+AdapterFusion (`fusion.py`) hooks the sub-layer sites with attention over frozen adapters
+loaded from other artifacts; `Method.frozen_params` keeps those out of every preset.
+
 Methods combine: several configs run as one `Combined` config, whose hook at a site runs
 each method's module in turn (bottleneck adapters and LoRA in one model, say; MAM is prefix
 tuning plus a scaled parallel FFN adapter).
@@ -128,11 +131,18 @@ class Method:
   # stores instead: prefix tuning's prefixes in place of the MLP that computes them
   for_serving: Callable | None = None  # (config, an artifact's encoder params) -> the params
   # `union`'s config holds for it (prefix tuning: its positions marked in use)
+  frozen_params: str = ''  # a regex over '/'-joined param paths of the method's params that
+  # are loaded, never trained (AdapterFusion's fused adapters): frozen under every preset
 
 
 def methods() -> tuple[Method, ...]:
-  from adapter_tuning.peft import bottleneck, ia3, lora, prefix  # lazy: they import layers
-  return (bottleneck.METHOD, lora.METHOD, ia3.METHOD, prefix.METHOD)
+  from adapter_tuning.peft import bottleneck, fusion, ia3, lora, prefix  # lazy: import layers
+  return (bottleneck.METHOD, lora.METHOD, ia3.METHOD, prefix.METHOD, fusion.METHOD)
+
+
+def frozen_patterns() -> tuple[str, ...]:
+  """Regexes of method params that no trainable preset trains (`Method.frozen_params`)."""
+  return tuple(m.frozen_params for m in methods() if m.frozen_params)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,7 +12,9 @@ zero weights in and out, so they contribute exactly nothing), placement or layer
 adapters are zero, LoRA's B zero, IA³'s vectors one: the identity), prefix length (each
 example attends only to its own artifact's prefix positions; `peft.for_serving`), trainable
 rules (a leaf one task did not train takes the base's value) and head width (extra logits
-are masked).
+are masked). A fusion artifact's fused adapters are part of the resident base (loaded from
+their own artifacts, hash-checked); per-example switches say which of them an example's
+fusion attends over, none for other artifacts' examples (peft/fusion.py).
 """
 
 from __future__ import annotations

@@ -55,7 +55,16 @@ def top_k(k: int, num_layers: int) -> Rules:
 
 
 def resolve(spec, num_layers: int) -> Rules:
-  """'adapters' | 'peft' | 'bitfit' | 'full' | 'head' | 'top:K' | a list of (regex, mode)."""
+  """'adapters' | 'peft' | 'bitfit' | 'full' | 'head' | 'top:K' | a list of (regex, mode).
+
+  Every preset first freezes what a method loads rather than learns (`peft.frozen_patterns`:
+  AdapterFusion's fused adapters); explicit rules decide for themselves (first match)."""
+  if isinstance(spec, str) and '=' not in spec:
+    return tuple((p, 'freeze') for p in peft.frozen_patterns()) + _resolve(spec, num_layers)
+  return _resolve(spec, num_layers)
+
+
+def _resolve(spec, num_layers: int) -> Rules:
   if isinstance(spec, str):
     if spec == 'adapters':
       return adapters_preset()
@@ -118,7 +127,7 @@ def split(params: dict, rules: Rules) -> tuple[dict, dict]:
   frozen = {k: v for k, v in flat.items() if k not in train}
   if not train:
     raise UsageError('the trainable rules select no parameter; check `trainable`')
-  if rules == BITFIT and all(k[0] == 'head' for k in train):
+  if rules[-len(BITFIT):] == BITFIT and all(k[0] == 'head' for k in train):
     raise UsageError('trainable=bitfit finds no bias in this encoder (ModernBERT checkpoints '
                      'have none unless attention_bias/mlp_bias/norm_bias); use another method')
   return tu.unflatten_dict(train), tu.unflatten_dict(frozen)

@@ -1,0 +1,379 @@
+"""AdapterFusion (Pfeiffer et al. 2021, arXiv 2005.00247): attention over frozen task adapters.
+
+A PEFT method on the seam of `adapter_tuning.peft` (`METHOD`). Given bottleneck-adapter
+artifacts A, B, ... trained on the same base, every sub-layer site where they sit gets a
+`Fusion` module named '{site}_fusion' that runs each fused adapter's bottleneck branch
+u_k = s_k up_k(f(down_k(x))) on the site's input x (the sub-layer output h, or LN(x + h)
+for adapters with original_ln_before) and returns
+
+    h + sum_k softmax_k(Dropout(Q(x) . K(u_k))) V(u_k)
+
+which the layer then normalises as usual: LN(residual + that). Q and K are d x d with bias,
+N(0, 0.02) (AdapterHub's `init_bert_weights`); V is d x d without bias, initialised to
+the identity with 1e-6 off the diagonal, and pulled towards the identity by
+regularization x ||I - V||^2 -- AdapterHub 1.3's default `DynamicAdapterFusionConfig`
+(query, key, value, value_before_softmax, value_initialized, regularization on;
+query_before_ln, residual_before, temperature off; dropout on the scores at the base's
+attention dropout unless model.fusion.dropout says otherwise), so that `Fuse(A, B)` there
+reproduces these logits (interop/adapterhub_fusion.py).
+
+The fused adapters' weights are loaded from their artifacts (verified against the content
+hash recorded here) into 'fused_<hash>' submodules and are never trained: the method's
+`frozen_params` pattern freezes them under every trainable preset, so a fusion run's
+artifact holds only Q, K, V (+ head, + LayerNorms under `adapters`) and names its adapters
+by path and hash. Their own heads and trained LayerNorms are not used.
+
+Serving several artifacts in one batch (`union`, `for_serving`): each site holds every
+fused adapter of every fusion artifact, and a scalar 'use_<hash>' per adapter and example
+says which ones this example's fusion attends over; an example of a plain artifact uses
+none, and the site then returns h unchanged, exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import pathlib
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from adapter_tuning.errors import UsageError
+from adapter_tuning.models.encoder import Dropout
+from adapter_tuning.peft import Method, MethodConfig, from_fields
+from adapter_tuning.peft.bottleneck import Adapter, AdapterConfig
+
+PARAM_MARKER = '_fusion'
+SITES = ('attention', 'ffn')
+FROZEN = PARAM_MARKER + r'/fused_'  # the fused adapters' params: loaded, never trained
+VALUE_OFF_DIAGONAL = 1e-6  # AdapterHub's value_initialized: identity, 1e-6 elsewhere
+QK_INIT_STD = 0.02  # AdapterHub's init_bert_weights for query and key
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class Fused:
+  """One fused adapter: its artifact (path + content hash) and its bottleneck geometry."""
+
+  name: str  # the adapter's task as a name (AdapterHub adapter name on export)
+  path: str  # its artifact folder, absolute
+  sha256: str  # artifact.content_hash of that folder when the fusion was trained
+  adapter: AdapterConfig
+
+  def __post_init__(self):
+    if not isinstance(self.adapter, AdapterConfig):
+      object.__setattr__(self, 'adapter', AdapterConfig.from_any(self.adapter))
+
+  @property
+  def module(self) -> str:
+    """Its submodule name at every site: by content, so a union holds each adapter once."""
+    return f'fused_{self.sha256[:16]}'
+
+  def __repr__(self) -> str:
+    return f'{self.name}@{self.sha256[:8]}'
+
+
+@dataclasses.dataclass(frozen=True)
+class FusionConfig(MethodConfig):
+  """The fused adapters and the fusion layer's training options.
+
+  Attributes:
+    adapters: the fused adapters (`Fused`, or their fields as dicts: an artifact's meta).
+    dropout: dropout on the attention scores while training (AdapterHub: the base's
+      attention_probs_dropout_prob).
+    regularization: strength of ||I - V||^2 in the loss (AdapterHub: 0.01; 0 = off). Added
+      as its gradient at V (`pulled_to_identity`), so the logged loss is the task's alone.
+    serving: the `union` form: per-example 'use_<hash>' switches (module docstring).
+  """
+
+  adapters: tuple = ()
+  dropout: float = 0.0
+  regularization: float = 0.01
+  serving: bool = False
+  seed: int = 0
+
+  def __post_init__(self):
+    fused = tuple(a if isinstance(a, Fused) else Fused(**dict(a)) for a in self.adapters)
+    object.__setattr__(self, 'adapters', fused)
+    if not fused:
+      raise UsageError('an AdapterFusion needs adapters; set model.fusion.adapters=A,B')
+    if not 0 <= self.dropout < 1:
+      raise UsageError(f'model.fusion.dropout must be in [0, 1) (or -1: the base\'s attention '
+                       f'dropout), got {self.dropout}')
+    if self.regularization < 0:
+      raise UsageError(f'model.fusion.regularization must be >= 0, got {self.regularization}')
+    if len({a.adapter.original_ln_before for a in fused}) > 1:
+      raise UsageError('cannot fuse adapters with and without original_ln_before: they read '
+                       'different inputs; fuse adapters of one kind')
+    parallel = [a.name for a in fused if a.adapter.parallel]
+    if parallel:
+      raise UsageError(f'adapters {parallel} are parallel adapters; AdapterFusion fuses '
+                       'sequential bottleneck adapters (houlsby, pfeiffer)')
+
+  def members(self, layer: int, site: str) -> tuple[Fused, ...]:
+    return tuple(a for a in self.adapters if a.adapter.has_adapter(layer, site))
+
+  def sites(self, layer: int) -> tuple[str, ...]:
+    return tuple(site for site in SITES if self.members(layer, site))
+
+  def hook(self, layer: int, site: str, dtype):
+    members = self.members(layer, site) if site in SITES else ()
+    if not members:
+      return None
+    geometry = tuple((a.module, a.adapter.size, a.adapter.activation, a.adapter.scaling)
+                     for a in members)
+    return Fusion(geometry, members[0].adapter.original_ln_before, self.dropout,
+                  self.regularization, self.serving, dtype=dtype, name=f'{site}{PARAM_MARKER}')
+
+  def init_layer(self, layer_params: dict, layer: int):
+    """Q, K ~ N(0, 0.02) with zero biases, V = identity (+1e-6), the fused adapters' weights
+    from their artifacts (checked against their hashes); 'use_*' off (serving)."""
+    for site in self.sites(layer):
+      module = layer_params[f'{site}{PARAM_MARKER}']
+      rng = np.random.default_rng((self.seed, 2 * layer + SITES.index(site), 0xF05E))
+      for proj in ('query', 'key'):
+        module[proj]['kernel'][...] = QK_INIT_STD * rng.standard_normal(
+            module[proj]['kernel'].shape)
+        module[proj]['bias'][...] = 0.0
+      module['value'][...] = VALUE_OFF_DIAGONAL
+      np.fill_diagonal(module['value'], 1.0)
+      for member in self.members(layer, site):
+        _copy_adapter(module[member.module], member, layer, site)
+        if self.serving:
+          module[f'use_{member.module}'][...] = 0.0
+
+  def check(self, model_config):
+    for member in self.adapters:
+      member.adapter.check(model_config)
+
+
+def pulled_to_identity(kernel, strength: float):
+  """`kernel` unchanged; its gradient gains that of strength * ||I - kernel||^2 (AdapterHub's
+  fusion regularization, which its trainer adds to the loss). A gradient rather than a loss
+  term because the method seam hands modules to the encoder and never sees the loss."""
+  return _pulled(kernel, strength)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _pulled(kernel, strength):
+  del strength
+  return kernel
+
+
+def _pulled_fwd(kernel, strength):
+  del strength
+  return kernel, kernel
+
+
+def _pulled_bwd(strength, kernel, g):
+  eye = jnp.eye(kernel.shape[0], dtype=kernel.dtype)
+  return (g + 2.0 * strength * (kernel - eye),)
+
+
+_pulled.defvjp(_pulled_fwd, _pulled_bwd)
+
+
+class Fusion(nn.Module):
+  """A sub-layer hook: h + sum_k softmax_k(Q(x) . K(u_k)) V(u_k) (module docstring).
+
+  `adapters`: (submodule name, size, activation, scaling) of each fused adapter here. Each
+  u_k is the bottleneck branch alone, s up(f(down(x))): `Adapter` in its parallel form reads
+  its second argument and adds the branch to its first, here zeros (exactly the branch).
+  """
+
+  adapters: tuple
+  original_ln_before: bool = False
+  dropout: float = 0.0
+  regularization: float = 0.0
+  serving: bool = False
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, y_BxTxD, residual_BxTxD=None, norm=None):
+    x_BxTxD = norm(residual_BxTxD + y_BxTxD) if self.original_ln_before else y_BxTxD
+    zeros = jnp.zeros_like(x_BxTxD)
+    u_BxTxKxD = jnp.stack([
+        Adapter(size, act, parallel=True, scaling=scaling, dtype=self.dtype, name=module)(
+            zeros, x_BxTxD) for module, size, act, scaling in self.adapters], axis=2)
+    d, init = y_BxTxD.shape[-1], nn.initializers.zeros  # shapes only: init_layer draws
+    q_BxTxD = nn.Dense(d, kernel_init=init, dtype=self.dtype, name='query')(x_BxTxD)
+    k_BxTxKxD = nn.Dense(d, kernel_init=init, dtype=self.dtype, name='key')(u_BxTxKxD)
+    value_DxD = self.param('value', init, (d, d))
+    training = self.has_rng('dropout')  # the train step's apply; evaluation passes none
+    if training and self.regularization:
+      value_DxD = pulled_to_identity(value_DxD, self.regularization)
+    v_BxTxKxD = u_BxTxKxD @ value_DxD.astype(self.dtype)
+    scores_BxTxK = jnp.einsum('btd,btkd->btk', q_BxTxD, k_BxTxKxD).astype(jnp.float32)
+    scores_BxTxK = Dropout(self.dropout)(scores_BxTxK, deterministic=not training)
+    if self.serving:
+      use_K = jnp.stack([self.param(f'use_{module}', init, ()) for module, *_ in self.adapters])
+      scores_BxTxK = jnp.where(use_K > 0.5, scores_BxTxK, jnp.finfo(jnp.float32).min)
+    probs_BxTxK = jax.nn.softmax(scores_BxTxK, axis=-1)
+    if self.serving:  # an example using none of them: all-zero weights, h unchanged
+      probs_BxTxK = jnp.where(use_K > 0.5, probs_BxTxK, 0.0)
+    context_BxTxD = jnp.einsum('btk,btkd->btd', probs_BxTxK.astype(v_BxTxKxD.dtype), v_BxTxKxD)
+    return y_BxTxD + context_BxTxD.astype(y_BxTxD.dtype)
+
+
+# ----------------------------------------------------------------------------- fused adapters
+
+_LOADED: dict = {}  # (path, sha256, file stamps) -> the artifact's encoder params
+
+
+def _stamp(directory: pathlib.Path) -> tuple:
+  return tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns)
+               for f in (directory / 'config.json', directory / 'weights.safetensors'))
+
+
+def adapter_weights(member: Fused) -> dict:
+  """A fused adapter's encoder params from its artifact, refused in one line when the
+  artifact is gone or differs from the one the fusion was trained with."""
+  from adapter_tuning.interop import artifact
+  directory = pathlib.Path(member.path)
+  if not all((directory / n).is_file() for n in ('config.json', 'weights.safetensors')):
+    raise UsageError(f'fused adapter {member.name!r} (sha256 {member.sha256[:12]}...) is '
+                     f'missing: no artifact at {directory}; put it back there (a fusion '
+                     'references its adapters by path and content hash)')
+  key = (member.path, member.sha256, _stamp(directory))
+  if key not in _LOADED:
+    found = artifact.content_hash(directory)
+    if found != member.sha256:
+      raise UsageError(f'fused adapter {member.name!r} at {directory} changed since the fusion '
+                       f'was trained (sha256 {found[:12]}..., recorded {member.sha256[:12]}...); '
+                       'restore that artifact or train the fusion again')
+    if len(_LOADED) > 32:
+      _LOADED.clear()
+    _LOADED[key] = artifact.load(directory)[1].get('encoder', {})
+  return _LOADED[key]
+
+
+def _copy_adapter(target: dict, member: Fused, layer: int, site: str):
+  trained = adapter_weights(member).get(f'layer_{layer}', {}).get(f'{site}_adapter')
+  if trained is None:
+    raise UsageError(f'fused adapter {member.name!r} ({member.path}) has no trained adapter '
+                     f'at layer {layer} ({site}) although its config places one there')
+  for proj in ('down', 'up'):
+    for leaf in ('kernel', 'bias'):
+      value = np.asarray(trained[proj][leaf], np.float32)
+      if value.shape != target[proj][leaf].shape:
+        raise UsageError(f'fused adapter {member.name!r}: {proj}/{leaf} at layer {layer} has '
+                         f'shape {value.shape}, its config implies {target[proj][leaf].shape}')
+      target[proj][leaf][...] = value
+
+
+# ----------------------------------------------------------------------------- the method
+
+
+def _name(task: str, taken: set) -> str:
+  name = re.sub(r'[^A-Za-z0-9_\-]', '_', task or 'adapter')
+  unique, i = name, 2
+  while unique in taken:
+    unique, i = f'{name}_{i}', i + 1
+  taken.add(unique)
+  return unique
+
+
+def _member(path: str, run_base: dict, taken: set) -> Fused:
+  from adapter_tuning import peft
+  from adapter_tuning.interop import artifact
+  directory = pathlib.Path(path).expanduser().resolve()
+  meta, _ = artifact.load(directory)
+  artifact.check_base(meta, run_base, str(directory))
+  parts = peft.parts(peft.config_from_meta(meta))
+  if len(parts) != 1 or not isinstance(parts[0], AdapterConfig):
+    raise UsageError(f'{directory} holds {peft.describe(peft.config_from_meta(meta))}; '
+                     'AdapterFusion fuses bottleneck-adapter artifacts (houlsby, pfeiffer)')
+  adapter = dataclasses.replace(parts[0], seed=0, drop_lowest=0, init_scale=0.0)
+  return Fused(_name(meta['task'], taken), str(directory), artifact.content_hash(directory),
+               adapter)
+
+
+@functools.lru_cache(maxsize=4)
+def _identity(directory: str, stamp: tuple) -> dict:
+  del stamp  # part of the cache key: a rewritten checkpoint is hashed again
+  from adapter_tuning.interop import hf_checkpoint
+  return hf_checkpoint.checkpoint_identity(pathlib.Path(directory))
+
+
+def _run_base(config) -> tuple[dict, object]:
+  """(identity, model config) of the run's base checkpoint."""
+  from adapter_tuning.interop import hf_checkpoint
+  if not config.model.checkpoint:
+    raise UsageError('model.fusion needs model.checkpoint: the base its adapters were '
+                     'trained on')
+  directory = hf_checkpoint.resolve_checkpoint(config.model.checkpoint)
+  stamp = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns)
+                for f in hf_checkpoint.weight_files(directory))
+  return _identity(str(directory), stamp), hf_checkpoint.read_model_config(directory)
+
+
+def _check_alone(config):
+  from adapter_tuning import peft
+  others = [m.name for m in peft.methods()
+            if m.config_class is not FusionConfig and m.from_run_config(config) is not None]
+  if others:
+    raise UsageError(f'model.fusion trains only the fusion layers and the head, but '
+                     f'{", ".join(others)} is on too; switch it off (bottleneck: '
+                     'model.adapter.placement=none)')
+
+
+def from_run_config(config) -> FusionConfig | None:
+  """`config.model.fusion` -> the fusion config (its artifacts read, hashed and checked
+  against the run's base); None when model.fusion.adapters is empty."""
+  f = config.model.get('fusion')
+  paths = [p.strip() for p in str(f.adapters if f else '').split(',') if p.strip()]
+  if not paths:
+    return None
+  if len(paths) < 2:
+    raise UsageError(f'model.fusion.adapters names one artifact ({paths[0]}); a fusion '
+                     'combines two or more: A,B[,...]')
+  _check_alone(config)
+  identity, model_config = _run_base(config)
+  taken: set = set()
+  members = tuple(_member(p, identity, taken) for p in paths)
+  hashes = [m.sha256 for m in members]
+  if len(set(hashes)) < len(hashes):
+    raise UsageError('model.fusion.adapters names the same artifact twice; fuse distinct ones')
+  dropout = model_config.attention_dropout if f.dropout < 0 else float(f.dropout)
+  if dropout > 0 and config.model.get('scan_layers', False):
+    raise UsageError('fusion dropout draws keys per layer, which the layer scan does not give; '
+                     'set model.scan_layers=false or model.fusion.dropout=0')
+  return FusionConfig(members, dropout=dropout, regularization=float(f.regularization),
+                      seed=config.seed)
+
+
+def from_meta(fields) -> FusionConfig | None:
+  return from_fields(FusionConfig, fields, 'fusion')
+
+
+def union(configs: list[FusionConfig]) -> FusionConfig:
+  """Every fusion's adapters once (by content hash), with per-example 'use_*' switches."""
+  members = {}
+  for config in configs:
+    for member in config.adapters:
+      members.setdefault(member.sha256, member)
+  return FusionConfig(tuple(members.values()), dropout=0.0, regularization=0.0, serving=True)
+
+
+def for_serving(config: FusionConfig, encoder_params: dict) -> dict:
+  """An artifact's params as `union`'s config holds them: its own adapters switched on."""
+  out = dict(encoder_params)
+  for layer in sorted({i for m in config.adapters for i in _layers(m)}):
+    for site in config.sites(layer):
+      key = f'layer_{layer}'
+      module = dict(out.get(key, {}).get(f'{site}{PARAM_MARKER}', {}))
+      module.update({f'use_{m.module}': np.float32(1.0) for m in config.members(layer, site)})
+      out[key] = {**out.get(key, {}), f'{site}{PARAM_MARKER}': module}
+  return out
+
+
+def _layers(member: Fused) -> set[int]:
+  """The layers a fused adapter sits in: those its artifact trained adapters in."""
+  return {int(m[1]) for k in adapter_weights(member) if (m := re.fullmatch(r'layer_(\d+)', k))}
+
+
+METHOD = Method(name='fusion', config_class=FusionConfig, param_marker=PARAM_MARKER,
+                from_run_config=from_run_config, from_meta=from_meta, union=union,
+                for_serving=for_serving, frozen_params=FROZEN)
