@@ -49,8 +49,8 @@ METHODS = {  # artifact name -> (task, config overrides)
 def _train(base, root, name):
   task, overrides = METHODS[name]
   config = tiny_config(base, task, **{
-      'data.source': 'glue_dir', 'data.data_dir': str(GLUE_DIR), 'data.max_train_examples': 32,
-      'data.max_eval_examples': 16, 'num_train_steps': 2, 'batch_size': 8,
+      'data.source': 'glue_dir', 'data.data_dir': str(GLUE_DIR), 'data.max_train_examples': 16,
+      'data.max_eval_examples': 8, 'num_train_steps': 1, 'batch_size': 8, 'data.num_buckets': 1,
       'learning_rate': 1e-3, **overrides})
   train_and_evaluate(config, root / name)
   return root / name / 'adapter'
