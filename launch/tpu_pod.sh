@@ -9,6 +9,15 @@
 #       -- --config configs/glue_mnli.py --workdir runs/mnli
 #   launch/tpu_pod.sh --dry-run --name adapters-v4 --zone us-central2-b -- --config ... --workdir ...
 #
+# A base larger than one chip, e.g. XLM-R-XL (3.5B) on a v5e-16 slice: split the frozen base
+# over all 16 chips (mesh.fsdp; each process reads only its chips' slices of the weights).
+# bench/memory.py expects per chip 0.90 GiB of params, 0.18 GiB of Adam state and a 2.1 GiB
+# peak at batch 32 x 128 (launch/README.md, "Large bases"):
+#   launch/tpu_pod.sh --name xlmr-xl --zone us-west4-a --type v5litepod-16 \
+#       --version v2-alpha-tpuv5-lite -- --config configs/glue_mnli.py --workdir runs/mnli_xl \
+#       --config.model.checkpoint=/mnt/shared/xlm-roberta-xl --config.mesh.fsdp=16 \
+#       --config.model.dtype=bfloat16 --config.model.scan_layers=true --config.model.remat=full
+#
 # Options (each also an environment variable):
 #   --name NAME      TPU_NAME         TPU VM name (required)
 #   --zone ZONE      TPU_ZONE         zone (required), e.g. us-central2-b

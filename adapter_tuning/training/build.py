@@ -2,8 +2,10 @@
 
 Loads the pretrained base with the configured adapters (interop/pretrained), tokenises the
 task (data/tasks), draws the head, resolves which params train (training/trainable) and,
-for regression, the train split's target scale. `predict`-style users get the same
-`Setup` with `with_train=False`.
+for regression, the train split's target scale. Given a mesh with an fsdp axis, the base's
+params are born sharded on it (`load_sharded`): the one place a build touches devices,
+because a base too large for one host must never be read whole. `predict`-style users get
+the same `Setup` with `with_train=False`.
 """
 
 from __future__ import annotations
@@ -12,14 +14,16 @@ import dataclasses
 import math
 import pathlib
 
+import flax.traverse_util as tu
 import jax
 import jax.numpy as jnp
 
-from adapter_tuning.data import batching
+from adapter_tuning.data import batching, packing
 from adapter_tuning.data.tasks import load_task_data
 from adapter_tuning.errors import UsageError
 from adapter_tuning.models.heads import TargetScale, TaskModel, head_kind
 from adapter_tuning import peft
+from adapter_tuning.training import parallel
 from adapter_tuning.training import trainable as trainable_lib
 
 
@@ -46,11 +50,18 @@ def resolve_checkpoint_path(config, workdir: pathlib.Path) -> str:
   return config.model.checkpoint
 
 
-def build(config, workdir: pathlib.Path, with_train: bool = True) -> Setup:
+def build(config, workdir: pathlib.Path, with_train: bool = True, mesh=None) -> Setup:
+  """`mesh`: with an fsdp axis (`mesh.fsdp` > 1), the base is born sharded on it
+  (`load_sharded`); otherwise it is read whole into host memory."""
   from adapter_tuning.interop.pretrained import load_pretrained
   adapter = peft.from_run_config(config)
   dtype = jnp.bfloat16 if config.model.dtype == 'bfloat16' else jnp.float32
-  pre = load_pretrained(resolve_checkpoint_path(config, workdir), adapter, dtype=dtype)
+  path = resolve_checkpoint_path(config, workdir)
+  pre = None
+  if mesh is not None and parallel.fsdp_size(mesh) > 1:
+    pre = load_sharded(path, adapter, dtype, config.trainable, mesh)
+  if pre is None:
+    pre = load_pretrained(path, adapter, dtype=dtype)
   if config.data.max_seq_length > pre.config.max_seq_length:
     raise UsageError(f'data.max_seq_length={config.data.max_seq_length} exceeds the model '
                      f'maximum of {pre.config.max_seq_length} positions; lower it')
@@ -69,6 +80,43 @@ def build(config, workdir: pathlib.Path, with_train: bool = True) -> Setup:
   return Setup(model, params, rules, pre, data, adapter, scale)
 
 
+def load_sharded(path, adapter, dtype, trainable, mesh):
+  """`load_pretrained` with every checkpoint tensor born a jax.Array on `mesh`, sharded as
+  the trainer places it (`parallel.frozen_shardings` for frozen leaves,
+  `parallel.state_shardings` for trained ones), each process reading only its devices'
+  slices of the safetensors files. None for a checkpoint that cannot be sliced (.bin)."""
+  from adapter_tuning.interop import hf_checkpoint
+  from adapter_tuning.interop import pretrained as pretrained_lib
+  from adapter_tuning.interop.tokenization import load_tokenizer
+  from adapter_tuning.models.encoder import Encoder
+  directory = hf_checkpoint.resolve_checkpoint(path)
+  config = hf_checkpoint.read_model_config(directory)
+  adapter = peft.as_config(adapter)
+  if adapter is not None:
+    adapter.check(config)
+  model = Encoder(config, adapter, dtype=dtype)
+  fresh = pretrained_lib.init_params(model, adapter.seed if adapter else 0)  # zeros: lazy pages
+  shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), fresh)
+  rules = trainable_lib.resolve(trainable, config.num_layers)
+  flat_shapes = tu.flatten_dict(shapes)
+
+  def sharding_of(param_path):
+    spec = flat_shapes[param_path]
+    trains = trainable_lib.decide(rules, trainable_lib.path_str(('encoder',) + param_path))
+    place = parallel.state_shardings if trains else parallel.frozen_shardings
+    return place(spec, mesh)
+
+  loaded = hf_checkpoint.load_encoder_sharded(directory, shapes, config.family, config,
+                                              sharding_of)
+  if loaded is None:
+    return None
+  flat = tu.flatten_dict(fresh)
+  flat.update(tu.flatten_dict(loaded[0]))
+  return pretrained_lib.Pretrained(model, tu.unflatten_dict(flat),
+                                   load_tokenizer(directory, config.family, config.pad_token_id),
+                                   config, adapter, directory)
+
+
 def with_raw_head(params: dict, scale: TargetScale) -> dict:
   """Trainable or full params with the head moved from the standardised to the raw scale."""
   if 'head' not in params or scale == TargetScale():
@@ -84,6 +132,8 @@ def length_buckets(config, data) -> tuple[tuple[int, ...], dict[str, tuple[int, 
   max_seq_length.
   """
   d = config.data
+  if d.get('packing', False):
+    return packed_layouts(config, data)
   geometric = batching.bucket_boundaries(d.max_seq_length, d.num_buckets,
                                          min_len=d.min_bucket_length)
   if not d.fit_buckets:
@@ -95,6 +145,24 @@ def length_buckets(config, data) -> tuple[tuple[int, ...], dict[str, tuple[int, 
   evals = {name: fit(batching.eval_batch_maxima(split.input_ids, config.eval_batch_size),
                      config.eval_batch_size)
            if len(split) else geometric for name, split in data.evals.items()}
+  return train, evals
+
+
+def packed_layouts(config, data) -> tuple[packing.Packed, dict[str, packing.Packed]]:
+  """data.packing: rows of max_seq_length and data.num_buckets row counts per split, in
+  place of length buckets (data/packing.py); refused where it cannot apply."""
+  if head_kind(data.head).per_token:
+    raise UsageError(f'data.packing is for heads with one output per example, not '
+                     f'{data.head}; set data.packing=false')
+  if jax.process_count() > 1:
+    raise UsageError('data.packing runs on one process; set data.packing=false for '
+                     'multi-host runs')
+  d, devices = config.data, jax.device_count()
+  train = packing.layout(data.train.input_ids, config.batch_size, config.seed,
+                         d.max_seq_length, d.num_buckets, devices)
+  evals = {name: packing.eval_layout(split.input_ids, config.eval_batch_size, d.max_seq_length,
+                                     d.num_buckets, devices)
+           for name, split in data.evals.items()}
   return train, evals
 
 

@@ -14,7 +14,7 @@ import pathlib
 import numpy as np
 
 from adapter_tuning import fileio
-from adapter_tuning.data import batching
+from adapter_tuning.data import batching, packing
 from adapter_tuning.models.heads import head_kind
 from adapter_tuning.training import parallel
 
@@ -47,8 +47,13 @@ def run_split(eval_step, params, split, batch_size, boundaries, shard, pad_id=0)
   outputs: dict[str, list] = {}
   indices = []
   mine = parallel.local_rows(batch_size)
-  for batch in batching.eval_batches(split.input_ids, split.token_type_ids, labels, batch_size,
-                                     boundaries, pad_id=pad_id):
+  if isinstance(boundaries, packing.Packed):
+    source = packing.eval_batches(split.input_ids, split.token_type_ids, labels, batch_size,
+                                  boundaries, pad_id=pad_id)
+  else:
+    source = batching.eval_batches(split.input_ids, split.token_type_ids, labels, batch_size,
+                                   boundaries, pad_id=pad_id)
+  for batch in source:
     index, mask = batch.pop('index'), batch.pop('mask')
     batch.pop('labels')
     local = {k: v[mine] for k, v in batch.items()}

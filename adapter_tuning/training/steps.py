@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from adapter_tuning.data import packing
 from adapter_tuning.models.heads import head_kind
 from adapter_tuning.training import trainable as trainable_lib
 
@@ -38,7 +39,7 @@ def make_train_step(model, tx, head: str):
   def loss_fn(params, frozen, batch, rng):
     logits = model.apply({'params': trainable_lib.merge(params, frozen)}, batch['input_ids'],
                          batch['attention_mask'], batch['token_type_ids'], deterministic=False,
-                         rngs={'dropout': rng})
+                         rngs={'dropout': rng}, segments=packing.segments_of(batch))
     return task_loss(head, logits, batch)
 
   def train_step(state, frozen, batch):
@@ -63,7 +64,8 @@ def make_eval_step(model, head: str):
 
   def eval_step(params, batch):
     logits = model.apply({'params': params}, batch['input_ids'], batch['attention_mask'],
-                         batch['token_type_ids'], deterministic=True)
+                         batch['token_type_ids'], deterministic=True,
+                         segments=packing.segments_of(batch))
     return kind.eval_outputs(logits)
 
   return eval_step

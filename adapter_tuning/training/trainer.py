@@ -25,7 +25,7 @@ import numpy as np
 
 from adapter_tuning import fileio, peft
 from adapter_tuning.config import validate
-from adapter_tuning.data import batching
+from adapter_tuning.data import batching, packing
 from adapter_tuning.errors import RunFailure, UsageError
 from adapter_tuning.interop import artifact
 from adapter_tuning.models.heads import head_kind
@@ -107,6 +107,7 @@ class Run:
   ckpt: Checkpointer
   reporter: Reporter
   tracker: BestTracker  # best-on-validation artifact and early stopping (selection.py)
+  state_shardings: object = None  # of the train state on `mesh` (parallel.state_shardings)
 
   @property
   def total_steps(self) -> int:
@@ -116,28 +117,51 @@ class Run:
     """The global train batches of one epoch from `start_batch` on, this process's rows."""
     c, train = self.config, self.setup.data.train
     kind = head_kind(self.setup.data.head)
-    for local in batching.train_batches(
-        train.input_ids, train.token_type_ids, self.plan['train_labels'], c.batch_size,
-        seed=c.seed, epoch=epoch, boundaries=self.plan['train_bounds'],
-        process_index=jax.process_index(), process_count=jax.process_count(),
-        start_batch=start_batch, pad_id=self.setup.pretrained.tokenizer.pad_id):
+    pad_id, layout = self.setup.pretrained.tokenizer.pad_id, self.plan['train_bounds']
+    if isinstance(layout, packing.Packed):
+      source = packing.train_batches(
+          train.input_ids, train.token_type_ids, self.plan['train_labels'], c.batch_size,
+          seed=c.seed, epoch=epoch, packed=layout, start_batch=start_batch, pad_id=pad_id)
+    else:
+      source = batching.train_batches(
+          train.input_ids, train.token_type_ids, self.plan['train_labels'], c.batch_size,
+          seed=c.seed, epoch=epoch, boundaries=layout, process_index=jax.process_index(),
+          process_count=jax.process_count(), start_batch=start_batch, pad_id=pad_id)
+    for local in source:
       yield parallel.to_global(kind.unstack_labels(local), parallel.batch_sharded(self.mesh))
 
   def compile_ahead(self, state, batch, epoch: int, start_batch: int):
     """Starts compiling every train and eval batch shape of the run (precompile.py)."""
     c, data = self.config, self.setup.data
     state_spec, frozen_spec = precompile.abstract(state), precompile.abstract(self.frozen)
+    params_spec = precompile.abstract(trainable_lib.merge(state['params'], self.frozen))
+    if isinstance(self.plan['train_bounds'], packing.Packed):
+      return self._compile_packed(state_spec, frozen_spec, params_spec, batch, epoch,
+                                  start_batch)
     for length in batching.train_lengths(data.train.input_ids, c.batch_size, seed=c.seed,
                                          epoch=epoch, boundaries=self.plan['train_bounds'],
                                          start_batch=start_batch):
       self.train_step.prepare(state_spec, frozen_spec, precompile.with_length(batch, length))
-    params_spec = precompile.abstract(trainable_lib.merge(state['params'], self.frozen))
     inputs = {k: batch[k] for k in ('input_ids', 'attention_mask', 'token_type_ids')}
     for name, split in data.evals.items():
       for length in batching.eval_lengths(split.input_ids, c.eval_batch_size,
                                           self.plan['eval_bounds'][name]):
         self.eval_step.prepare(params_spec,
                                precompile.with_length(inputs, length, c.eval_batch_size))
+
+  def _compile_packed(self, state_spec, frozen_spec, params_spec, batch, epoch, start_batch):
+    """`compile_ahead` for packed batches: one shape per row count in use."""
+    c, data = self.config, self.setup.data
+    batch_spec = precompile.abstract(batch)
+    for rows in packing.train_rows(data.train.input_ids, c.batch_size, c.seed, epoch,
+                                   self.plan['train_bounds'], start_batch):
+      self.train_step.prepare(state_spec, frozen_spec, packing.with_rows(batch_spec, rows))
+    inputs = {k: v for k, v in batch_spec.items() if k != 'labels'}
+    for name, split in data.evals.items():
+      for rows in packing.eval_rows(split.input_ids, c.eval_batch_size,
+                                    self.plan['eval_bounds'][name]):
+        self.eval_step.prepare(params_spec,
+                               packing.with_rows(inputs, rows, examples=c.eval_batch_size))
 
   def evaluate(self, params_dev, at_step: int) -> dict:
     """Every eval split with the official metrics; writes metrics, warnings, predictions."""
@@ -191,10 +215,11 @@ def train_and_evaluate(config, workdir, overwrite: bool = False) -> dict:
   validate(config)
   parallel.check_batch_size(config.batch_size)
   parallel.check_batch_size(config.eval_batch_size, 'eval_batch_size')
+  mesh = parallel.make_mesh(config.mesh.fsdp)
   with workdir_lib.locked(workdir):
     workdir, config_json = workdir_lib.prepare(config, workdir, overwrite)
-    setup = build(config, workdir)
-    run = start_run(config, workdir, setup, config_json)
+    setup = build(config, workdir, mesh=mesh)  # an fsdp mesh: the base is born sharded
+    run = start_run(config, workdir, setup, config_json, mesh)
     try:
       state, step = init_or_restore(run)
       clock['train_start'] = time.perf_counter()
@@ -225,31 +250,41 @@ def plan_steps(config, setup: Setup) -> dict:
           'train_bounds': train_bounds, 'eval_bounds': eval_bounds, 'train_labels': labels}
 
 
-def start_run(config, workdir: pathlib.Path, setup: Setup, config_json: str) -> Run:
-  """Plans the steps, puts the frozen base on the devices, jits the steps, opens the logs."""
+def start_run(config, workdir: pathlib.Path, setup: Setup, config_json: str,
+              mesh=None) -> Run:
+  """Plans the steps, puts the frozen base on the devices, jits the steps, opens the logs.
+
+  Shardings (training/parallel.py): the frozen base split along the mesh's fsdp axis (if
+  any), the train state replicated but for leaves as large as base matrices, batches over
+  every device; XLA gathers a split matrix where the step uses it."""
   from adapter_tuning.training.optim import make_optimizer
   plan = plan_steps(config, setup)
   tx = make_optimizer(config, plan['total_steps'])
-  mesh = parallel.make_mesh()
+  mesh = mesh or parallel.make_mesh(config.mesh.fsdp)
   rep, shard = parallel.replicated(mesh), parallel.batch_sharded(mesh)
-  _, frozen_params = trainable_lib.split(setup.params, setup.rules)
+  train_params, frozen_params = trainable_lib.split(setup.params, setup.rules)
+  state_sh = parallel.state_shardings(
+      jax.eval_shape(lambda p: steps.init_state(p, tx, config.seed), train_params), mesh)
+  frozen_sh = parallel.frozen_shardings(frozen_params, mesh)
   pool = precompile.compile_pool()
   head = setup.data.head
   train_step = precompile.AheadOfTime(jax.jit(
-      steps.make_train_step(setup.model, tx, head), in_shardings=(rep, rep, shard),
-      out_shardings=(rep, rep), donate_argnums=(0,)), pool)
+      steps.make_train_step(setup.model, tx, head), in_shardings=(state_sh, frozen_sh, shard),
+      out_shardings=(state_sh, rep), donate_argnums=(0,)), pool)
   eval_step = precompile.AheadOfTime(jax.jit(
-      steps.make_eval_step(setup.model, head), in_shardings=(rep, shard),
+      steps.make_eval_step(setup.model, head),
+      in_shardings=(trainable_lib.merge(state_sh['params'], frozen_sh), shard),
       out_shardings=shard), pool)
   is_main = jax.process_index() == 0
   if is_main:
     fileio.write_atomic(workdir / 'config.json', config_json)
   reporter = Reporter(workdir, is_main, plan['total_steps'], config.batch_size,
                       config.progress_bar)
-  run = Run(config, workdir, setup, plan, mesh, parallel.put_replicated(frozen_params, mesh),
+  run = Run(config, workdir, setup, plan, mesh, parallel.put(frozen_params, frozen_sh),
             tx, train_step, eval_step, pool,
             Checkpointer(workdir / 'checkpoints', config.keep_checkpoints), reporter,
-            BestTracker(f'eval/{setup.data.metric_names[0]}', config.early_stopping_patience))
+            BestTracker(f'eval/{setup.data.metric_names[0]}', config.early_stopping_patience),
+            state_sh)
   _log_header(run)
   return run
 
@@ -264,18 +299,22 @@ def _log_header(run: Run):
                    f'{jax.devices()[0].platform} device(s)')
   for k, v in data.report.items():
     run.reporter.log(f'data: {k} = {v}')
-  run.reporter.log(f'length buckets: train {plan["train_bounds"]}; '
-                   + '; '.join(f'{k} {v}' for k, v in plan['eval_bounds'].items()))
+  if isinstance(plan['train_bounds'], packing.Packed):
+    run.reporter.log(packing.describe(data.train.input_ids, c.batch_size, c.seed,
+                                      plan['train_bounds'], plan['eval_bounds']))
+  else:
+    run.reporter.log(f'length buckets: train {plan["train_bounds"]}; '
+                     + '; '.join(f'{k} {v}' for k, v in plan['eval_bounds'].items()))
 
 
 def init_or_restore(run: Run):
-  """The optimizer state on the devices: fresh, or the newest readable checkpoint's."""
-  rep = parallel.replicated(run.mesh)
+  """The optimizer state on the devices: fresh, or the newest readable checkpoint's
+  (restored straight into this run's shardings, whatever mesh saved it)."""
+  sh = run.state_shardings
   train_params, _ = trainable_lib.split(run.setup.params, run.setup.rules)
-  state = jax.jit(lambda p: steps.init_state(p, run.tx, run.config.seed), out_shardings=rep)(
-      parallel.put_replicated(train_params, run.mesh))
-  restored = run.ckpt.restore(jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), state))
+  state = jax.jit(lambda p: steps.init_state(p, run.tx, run.config.seed), out_shardings=sh)(
+      parallel.put(train_params, sh['params']))
+  restored = run.ckpt.restore(parallel.abstract(state, sh))
   if restored is None:
     return state, 0
   state, meta, step = restored

@@ -27,6 +27,7 @@ RUN_DIRS = ('checkpoints', 'tensorboard', 'adapter', 'adapter_best')
 
 
 LOCK_FILE = '.lock'
+NOT_IDENTITY = ('mesh.',)  # config keys a resumed run may change (`check_same_run`)
 
 
 @contextlib.contextmanager
@@ -95,8 +96,10 @@ def check_same_run(workdir: pathlib.Path, config_json: str, overwrite: bool):
   recorded = fileio.read_json(path, 'it is the resolved config of the run in this workdir: '
                              'move the folder aside, or pass --overwrite to start over')
   old, new = _flat(recorded), _flat(json.loads(config_json))
-  # Keys on one side only are schema changes between versions, not a different run.
-  diff = sorted(k for k in set(old) & set(new) if old[k] != new[k])
+  # Keys on one side only are schema changes between versions, not a different run. The
+  # mesh says where a run computes, not what: checkpoints restore under any mesh.
+  diff = sorted(k for k in set(old) & set(new)
+                if old[k] != new[k] and not k.startswith(NOT_IDENTITY))
   if diff:
     raise UsageError(f'{workdir} holds a run with a different config (differs in: '
                      f'{", ".join(diff[:5])}); use a new --workdir, or pass --overwrite to '

@@ -1,0 +1,54 @@
+"""The trainer on an fsdp mesh, and a run resumed under another mesh (mesh.fsdp is not part
+of a run's identity): the real command line on the demo base, 1 vs 8 fake CPU devices."""
+
+import shutil
+
+import numpy as np
+from safetensors.numpy import load_file
+
+from helpers import read_metrics, run_train
+
+ARGS = ('--config', 'configs/demo.py', '--config.num_train_steps=8', '--config.batch_size=16',
+        '--config.log_every_steps=1', '--config.data.max_train_examples=256',
+        '--config.checkpoint_every_steps=4', '--config.progress_bar=false')
+
+
+def _adapter(workdir) -> dict:
+  return load_file(str(workdir / 'adapter' / 'weights.safetensors'))
+
+
+def _losses(workdir) -> dict:
+  return {m['step']: m['train/loss'] for m in read_metrics(workdir) if 'train/loss' in m}
+
+
+def _train(workdir, fsdp: int, devices: int):
+  proc = run_train(*ARGS, '--workdir', workdir, f'--config.mesh.fsdp={fsdp}', devices=devices,
+                   timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc
+
+
+def _close(a: dict, b: dict, atol: float = 1e-5):
+  assert a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_allclose(a[k], b[k], atol=atol, rtol=0, err_msg=k)
+
+
+def test_fsdp_run_matches_and_resumes_under_another_mesh(tmp_path):
+  one, eight = tmp_path / 'one', tmp_path / 'eight'
+  _train(one, fsdp=1, devices=1)
+  out = _train(eight, fsdp=8, devices=8)
+  assert '8 cpu device(s)' in out.stdout
+  _close(_adapter(one), _adapter(eight))
+  np.testing.assert_allclose(list(_losses(eight).values()), list(_losses(one).values()),
+                             atol=1e-5, rtol=0)
+  # Interrupted after step 4 (the step-8 checkpoint and artifact gone), resumed on the other
+  # mesh: the same config but mesh.fsdp, so the run is not refused.
+  for src, fsdp, devices, reference in ((eight, 1, 1, one), (one, 8, 8, eight)):
+    resumed = tmp_path / f'{src.name}_resumed_on_{devices}'
+    shutil.copytree(src, resumed)
+    shutil.rmtree(resumed / 'checkpoints' / '8')
+    shutil.rmtree(resumed / 'adapter')
+    out = _train(resumed, fsdp=fsdp, devices=devices)
+    assert 'resumed from the checkpoint at step 4' in out.stdout, out.stdout[-2000:]
+    _close(_adapter(resumed), _adapter(reference))
