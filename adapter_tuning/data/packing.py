@@ -12,12 +12,12 @@ the longest example (rounded up to 8, at most max_seq_length), each holds whole 
 placed first-fit by decreasing length, and the row count is rounded up to one of a few
 static counts (`row_counts`, fitted over the first epoch like the length buckets), so few
 shapes compile. On 4,096 SST-2 rows (MiniLM tokens, batch 32, 4 counts) that is 1.09 token
-positions per real token, against 1.46 with 4 fitted length buckets. A packed batch carries, besides the token arrays
-[R, T], `segment_ids` [R, T] (1, 2, ... per example in its row, 0 padding) and per example
-[E]: `example_row`, `example_start` (where its first token sits) and the labels; the model
-restricts attention to each example, restarts positions per example and reads each
-example's own first token or mean (`Encoder(segments=...)`), so per-example logits equal the
-unpacked ones. Evaluation packs too (filler examples point at the first example, mask 0).
+positions per real token, against 1.46 with 4 fitted length buckets. A packed batch carries,
+besides the token arrays [R, T], `segment_ids` [R, T] (1, 2, ... per example in its row, 0
+padding) and per example [E]: `example_row`, `example_start` (where its first token sits) and
+the labels; the model restricts attention to each example, restarts positions per example
+and reads each example's own first token or mean (`Encoder(segments=...)`), so per-example
+logits equal the unpacked ones. Evaluation packs too (filler examples point at the first example, mask 0).
 """
 
 from __future__ import annotations

@@ -194,6 +194,8 @@ def pool_tokens(x_BxTxD, mask_BxT, how: str, segments=None):
   """One vector per example: its first token ('cls') or the mean over its real tokens
   ('mean'); [B, D], or [E, D] for the E examples packed into the rows (`segments`:
   segment_ids [B, T], example_row [E], example_start [E])."""
+  if how == 'mean':  # sums in float32 (a bf16 model's mean over 128 tokens loses digits)
+    x_BxTxD = x_BxTxD.astype(jnp.float32)
   if segments is None:
     if how == 'cls':
       return x_BxTxD[:, 0]
