@@ -42,7 +42,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 _BERT = {'model_type': 'bert', 'vocab_size': 30522, 'max_position_embeddings': 512,
          'type_vocab_size': 2, 'hidden_size': 768, 'num_hidden_layers': 12,
          'num_attention_heads': 12, 'intermediate_size': 3072}
-_XLMR = {'model_type': 'xlm-roberta', 'vocab_size': 250880, 'max_position_embeddings': 514,
+_XLMR = {'model_type': 'xlm-roberta-xl', 'vocab_size': 250880, 'max_position_embeddings': 514,
          'type_vocab_size': 1, 'pad_token_id': 1, 'layer_norm_eps': 1e-5,
          'num_attention_heads': 32}
 GEOMETRIES = {  # config.json fields of the public checkpoints

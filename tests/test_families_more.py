@@ -328,7 +328,8 @@ def test_unsupported_model_type_is_one_line_naming_the_supported(tmp_path):
   with pytest.raises(UsageError) as e:
     load_pretrained(tmp_path)
   assert str(e.value) == ("unsupported model_type 'gpt2'; supported: bert, roberta, "
-                          'xlm-roberta, distilbert, electra, deberta-v2, modernbert')
+                          'xlm-roberta, distilbert, electra, deberta-v2, modernbert, '
+                          'xlm-roberta-xl')
 
 
 def test_distilbert_config_reader_and_key_map():

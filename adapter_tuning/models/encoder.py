@@ -57,9 +57,11 @@ class ModelConfig:
   # The family's own layer settings (DeBERTa: deberta_attention.Disentangled; ModernBERT:
   # modernbert_layer.Options).
   family_options: Optional[object] = None
-  # Pre-LN families (ModernBERT): LayerNorms without a bias, a LayerNorm after the last layer.
+  # Pre-LN families (ModernBERT, XLM-R-XL): LayerNorms without a bias, a LayerNorm after the
+  # last layer, none on the embeddings (XLM-R-XL).
   norm_bias: bool = True
   final_norm: bool = False
+  embedding_norm: bool = True
   # The pooler: what its dense layer reads ('cls': the first token; 'mean': the mean over real
   # tokens, ModernBERT's classifier_pooling), whether it has a bias, and whether a LayerNorm
   # follows its activation (ModernBERT's head.norm).
@@ -161,7 +163,8 @@ class Embeddings(nn.Module):
     if cfg.type_vocab_size:
       x += nn.Embed(cfg.type_vocab_size, width,
                     name='token_type_embeddings')(token_type_ids_BxT)
-    x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, use_bias=cfg.norm_bias, name='layer_norm')(x)
+    if cfg.embedding_norm:
+      x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, use_bias=cfg.norm_bias, name='layer_norm')(x)
     if cfg.mask_embeddings and mask_BxT is not None:
       x = x * mask_BxT[..., None].astype(x.dtype)
     x = Dropout(cfg.hidden_dropout)(x, deterministic=deterministic)

@@ -1,4 +1,6 @@
-"""ModernBERT's pre-LN transformer layer (Warner et al. 2024), with the PEFT sites of BERT's.
+"""Pre-LN transformer layers with the PEFT sites of BERT's: ModernBERT's (Warner et al.
+2024) and, with `Options(rotary=False, gated_mlp=False, norm_first_layer=True)`, XLM-R-XL's
+(BERT's attention and GELU MLP, a LayerNorm before every sub-layer).
 
     h   = x + hook_attention(Attn(LN_attn(x)))      (layer 0: no LN_attn, x as it is)
     out = h + hook_ffn(Wo(act(Wi_in LN_mlp(h)) * Wi_gate LN_mlp(h)))
@@ -41,8 +43,8 @@ import numpy as np
 
 from adapter_tuning.errors import UsageError
 from adapter_tuning.models.activations import ACTIVATIONS
-from adapter_tuning.models.encoder import (Dropout, ModelConfig, _site_rng, folded_attention,
-                                           hooked, with_prefix)
+from adapter_tuning.models.encoder import (DenseAct, Dropout, ModelConfig, SelfAttention,
+                                           _site_rng, folded_attention, hooked, with_prefix)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +58,9 @@ class Options:
   global_every: int = 3  # global_attn_every_n_layers
   attention_bias: bool = False
   mlp_bias: bool = False
+  rotary: bool = True  # False: positions come from the embeddings (BERT's attention)
+  gated_mlp: bool = True  # False: act(x W_i + b) W_o, BERT's MLP
+  norm_first_layer: bool = False  # ModernBERT's layer 0 has no attention LayerNorm
 
   def is_global(self, layer: int) -> bool:
     return layer % self.global_every == 0
@@ -162,7 +167,8 @@ class PreNormLayer(nn.Module):
   def variant(config: ModelConfig, index: int):
     """What makes layers of equal shapes compute differently (the encoder's scan runs only
     layers of one variant together): global attention, and layer 0's missing LN."""
-    return config.family_options.is_global(index), index == 0
+    options = config.family_options
+    return options.is_global(index), index == 0 and not options.norm_first_layer
 
   @nn.compact
   def __call__(self, x_BxTxD, mask_BxT, deterministic: bool, dropout_rng=None, prefix_kv=None,
@@ -185,15 +191,21 @@ class PreNormLayer(nn.Module):
         y_BxTxD = module(y_BxTxD, input_BxTxD, None)
       return residual_BxTxD + y_BxTxD
 
-    a_in = x_BxTxD if self.index == 0 else ln('attention_layer_norm')(x_BxTxD)
-    a_out = Attention(cfg, self.dtype, self.adapter, self.index, name='attention')(
+    first = self.index == 0 and not options.norm_first_layer
+    a_in = x_BxTxD if first else ln('attention_layer_norm')(x_BxTxD)
+    attention = Attention if options.rotary else SelfAttention
+    a_out = attention(cfg, self.dtype, self.adapter, self.index, name='attention')(
         a_in, mask_BxT, deterministic, key(0), prefix_kv)
     a_out = Dropout(cfg.attention_dropout)(a_out, deterministic=deterministic, rng=key(1))
     h_BxTxD = residual_add('attention', x_BxTxD, a_in, a_out)
 
     f_in = ln('ffn_layer_norm')(h_BxTxD)
     dense_hook = lambda x, y: project('intermediate_dense', x, y)
-    f_BxTxF = GatedInput(cfg.intermediate_size, cfg.hidden_act, options.mlp_bias, self.dtype,
+    if options.gated_mlp:
+      f_BxTxF = GatedInput(cfg.intermediate_size, cfg.hidden_act, options.mlp_bias, self.dtype,
+                           name='intermediate')(f_in, dense_hook)
+    else:
+      f_BxTxF = DenseAct(cfg.intermediate_size, cfg.hidden_act, self.dtype,
                          name='intermediate')(f_in, dense_hook)
     f_BxTxF = project('intermediate', f_in, Dropout(cfg.hidden_dropout)(
         f_BxTxF, deterministic=deterministic, rng=key(2)))

@@ -101,9 +101,9 @@ def model_types() -> str:
 def families() -> tuple[Family, ...]:
   # lazy: they import the encoder
   from adapter_tuning.models.families import (bert, deberta_v2, distilbert, electra,
-                                              modernbert, roberta, xlm_roberta)
+                                              modernbert, roberta, xlm_roberta, xlm_roberta_xl)
   return (bert.FAMILY, roberta.FAMILY, xlm_roberta.FAMILY, distilbert.FAMILY, electra.FAMILY,
-          deberta_v2.FAMILY, modernbert.FAMILY)
+          deberta_v2.FAMILY, modernbert.FAMILY, xlm_roberta_xl.FAMILY)
 
 
 def family_named(name: str) -> Family:
