@@ -14,14 +14,16 @@ BERT_JSON = dict(model_type='bert', vocab_size=100, hidden_size=32, num_hidden_l
 
 def test_every_family_is_found_by_its_model_type():
   names = [f.name for f in families()]
-  assert names == ['bert', 'roberta', 'xlm-roberta', 'distilbert', 'electra', 'deberta-v2']
+  assert names == ['bert', 'roberta', 'xlm-roberta', 'distilbert', 'electra', 'deberta-v2',
+                   'modernbert', 'xlm-roberta-xl']
   for name in names:
     assert family_named(name).name == name
 
 
 def test_unknown_model_type_is_a_one_line_error_naming_the_supported():
   with pytest.raises(UsageError, match=r"unsupported model_type 'gpt2'; supported: bert, "
-                     r"roberta, xlm-roberta, distilbert, electra, deberta-v2$"):
+                     r"roberta, xlm-roberta, distilbert, electra, deberta-v2, modernbert, "
+                     r"xlm-roberta-xl$"):
     family_named('gpt2')
 
 
