@@ -240,7 +240,7 @@ def validate(config: ml_collections.ConfigDict):
   for ok, message in checks:
     if not ok:
       raise UsageError(message)
-  from adapter_tuning.models.encoder import remat_policy
+  from adapter_tuning.models.remat import remat_policy
   remat_policy(config.model.remat)  # an unknown policy name is one line here
   from adapter_tuning import peft
   peft.from_run_config(config)  # each method checks its own keys (one line, before loading)

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from adapter_tuning.models.encoder import Dropout, random_bits32
+from adapter_tuning.models.dropout import Dropout, random_bits32
 
 SHAPE = (8, 12, 128, 96)  # ~1.2M elements, the shape class of attention probabilities
 N = int(np.prod(SHAPE))

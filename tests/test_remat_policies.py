@@ -1,4 +1,4 @@
-"""`model.remat` policies (models/encoder.remat_policy): names, the booleans of older configs,
+"""`model.remat` policies (models/remat.remat_policy): names, the booleans of older configs,
 same numbers under every policy, and less memory kept for the backward pass."""
 
 import jax
@@ -8,7 +8,8 @@ import pytest
 from adapter_tuning import config as defaults
 from adapter_tuning.config import validate
 from adapter_tuning.errors import UsageError
-from adapter_tuning.models.encoder import ModelConfig, remat_policy
+from adapter_tuning.models.encoder import ModelConfig
+from adapter_tuning.models.remat import remat_policy
 from adapter_tuning.models.heads import TaskModel
 from adapter_tuning.peft.bottleneck import AdapterConfig
 from adapter_tuning.training import steps

@@ -33,7 +33,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from adapter_tuning.errors import UsageError
-from adapter_tuning.models.encoder import Dropout, ModelConfig, _site_rng, head_mask, hooked
+from adapter_tuning.models.dropout import Dropout
+from adapter_tuning.models.encoder import ModelConfig, _site_rng, hooked
+from adapter_tuning.models.sequences import head_mask
 
 POSITION_TERMS = ('c2p', 'p2c')
 

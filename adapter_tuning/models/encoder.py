@@ -1,10 +1,13 @@
 """A Flax Linen encoder for the BERT-like families of `models/families`, with PEFT hooks.
 
-One module tree serves every family (BERT, RoBERTa, XLM-R, DistilBERT, ELECTRA, DeBERTa-v2);
-what differs is either geometry in `ModelConfig` (no token types, a narrower embedding
-projected up, no absolute positions) or asked of the family (position ids, the pooler's
-activation, its own self-attention: DeBERTa's), and what a PEFT method
-adds is asked of its config at each layer site (`peft`). Parameter paths are what the rest
+One module tree serves every family (BERT, RoBERTa, XLM-R, DistilBERT, ELECTRA, DeBERTa-v2,
+ModernBERT, XLM-R-XL); what differs is either geometry in `ModelConfig` (no token types, a
+narrower embedding projected up, no absolute positions, pre-LN norms) or asked of the family
+(position ids, the pooler's activation, its own self-attention: DeBERTa's, or its own layer:
+the pre-LN ones of `modernbert_layer`), and what a PEFT method adds is asked of its config at
+each layer site (`peft`). Dropout masks (`dropout`), masks and sentence vectors over the
+sequence axis, packed rows included (`sequences`), and remat policies (`remat`) have their own
+modules. Parameter paths are what the rest
 of the project matches on, and they do not depend on the family (a family's own tensor
 names live only in its checkpoint key map): a PEFT method's parameters live under its
 marker (bottleneck adapters: `*_adapter/`), every LayerNorm under `*layer_norm/`, the task
@@ -21,6 +24,9 @@ import jax
 import jax.numpy as jnp
 
 from adapter_tuning.models.activations import ACTIVATIONS, bias_act
+from adapter_tuning.models.dropout import Dropout
+from adapter_tuning.models.remat import remat_policy
+from adapter_tuning.models.sequences import head_mask, pool_tokens, same_segment, segment_positions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,56 +90,6 @@ class ModelConfig:
     return self.max_positions - self.position_offset
 
 
-def _mix32(h):
-  """lowbias32 (C. Wellons' hash prospector): a bijection on uint32 with strong avalanche."""
-  h = h ^ (h >> 16)
-  h = h * jnp.uint32(0x7FEB352D)
-  h = h ^ (h >> 15)
-  h = h * jnp.uint32(0x846CA68B)
-  return h ^ (h >> 16)
-
-
-def random_bits32(key, shape):
-  """32 random bits per element from a counter-based hash keyed by `key`.
-
-  Each element hashes its flat index with 64 bits drawn from `key` (two keyed rounds of
-  `_mix32`), so the bits are pure elementwise integer arithmetic: XLA fuses them into the
-  consumer and splits them over threads/devices like any other elementwise op. Drawing
-  the same masks with `jax.random.bits` (threefry, materialised) took ~10% of a MiniLM
-  adapter step on CPU and is ~20x slower per mask. Statistical checks (keep rate,
-  independence of neighbours and of keys) are in tests/test_dropout.py. Flat indices wrap
-  at 2**32 elements per call.
-  """
-  k0, k1 = jax.random.bits(key, (2,), jnp.uint32)
-  index = jnp.zeros(shape, jnp.uint32)
-  stride = 1
-  for dim in reversed(range(len(shape))):
-    index = index + jax.lax.broadcasted_iota(jnp.uint32, shape, dim) * jnp.uint32(stride % 2**32)
-    stride *= shape[dim]
-  return _mix32(_mix32(index * jnp.uint32(0x9E3779B9) + k0) ^ k1)
-
-
-class Dropout(nn.Module):
-  """Inverted dropout whose mask comes from `random_bits32` (fused, no materialised bits).
-
-  The rate is quantised to 2**-32 and the scale uses the quantised rate, so the
-  expectation is exact.
-  """
-
-  rate: float
-
-  @nn.compact
-  def __call__(self, x, deterministic: bool, rng=None):
-    """`rng`: the key for this mask; by default one drawn from the 'dropout' stream."""
-    if deterministic or self.rate <= 0:
-      return x
-    threshold = min(int(round(self.rate * 2 ** 32)), 2 ** 32 - 1)
-    if rng is None:
-      rng = self.make_rng('dropout')
-    keep = random_bits32(rng, x.shape) >= jnp.uint32(threshold)
-    return jnp.where(keep, x / (1.0 - threshold / 2 ** 32), 0).astype(x.dtype)
-
-
 class Embeddings(nn.Module):
   """Word + position (+ token type) embeddings, LayerNorm, dropout (+ projection).
 
@@ -171,47 +127,6 @@ class Embeddings(nn.Module):
     if width != cfg.hidden_size:
       x = nn.Dense(cfg.hidden_size, dtype=self.dtype, name='project')(x)
     return x.astype(self.dtype)
-
-
-def head_mask(mask):
-  """[B, 1, T, S] bool for the attention logits from a key mask [B, S] or a query-by-key
-  mask [B, T, S] (packed rows: each token sees its own example only; ModernBERT's window)."""
-  return mask[:, None] if mask.ndim == 3 else mask[:, None, None, :]
-
-
-def same_segment(segment_ids_BxT):
-  """[B, T, T] bool: query and key in the same packed example (segment 0 is padding)."""
-  return ((segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :])
-          & (segment_ids_BxT[:, None, :] > 0))
-
-
-def segment_positions(segment_ids_BxT):
-  """[B, T] each token's index within its own packed example (0 at its first token)."""
-  index = jax.lax.broadcasted_iota(jnp.int32, segment_ids_BxT.shape, 1)
-  starts = jnp.concatenate([jnp.ones_like(segment_ids_BxT[:, :1], bool),
-                            segment_ids_BxT[:, 1:] != segment_ids_BxT[:, :-1]], axis=1)
-  return index - jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
-
-
-def pool_tokens(x_BxTxD, mask_BxT, how: str, segments=None):
-  """One vector per example: its first token ('cls') or the mean over its real tokens
-  ('mean'); [B, D], or [E, D] for the E examples packed into the rows (`segments`:
-  segment_ids [B, T], example_row [E], example_start [E])."""
-  if how == 'mean':  # sums in float32 (a bf16 model's mean over 128 tokens loses digits)
-    x_BxTxD = x_BxTxD.astype(jnp.float32)
-  if segments is None:
-    if how == 'cls':
-      return x_BxTxD[:, 0]
-    m_BxTx1 = mask_BxT[..., None].astype(x_BxTxD.dtype)
-    return (x_BxTxD * m_BxTx1).sum(1) / jnp.maximum(m_BxTx1.sum(1), 1)
-  row_E, start_E = segments['example_row'], segments['example_start']
-  if how == 'cls':
-    return x_BxTxD[row_E, start_E]
-  seg_ExT = segments['segment_ids'][row_E]
-  member_ExT = (seg_ExT == seg_ExT[jnp.arange(row_E.shape[0]), start_E][:, None]) & (seg_ExT > 0)
-  weights_ExT = member_ExT.astype(x_BxTxD.dtype)
-  total_ExD = jnp.einsum('et,etd->ed', weights_ExT, x_BxTxD[row_E])
-  return total_ExD / jnp.maximum(weights_ExT.sum(1), 1)[:, None]
 
 
 def folded_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, mask_BxT, drop_probs):
@@ -512,28 +427,6 @@ def with_prefix(prefix_kv, k_BxTxNxH, v_BxTxNxH, mask_BxT):
   return (jnp.concatenate([batch(kv_2xPxNxH[0]), k_BxTxNxH], axis=1),
           jnp.concatenate([batch(kv_2xPxNxH[1]), v_BxTxNxH], axis=1),
           jnp.concatenate([keep_BxP, mask_BxT], axis=-1))
-
-
-# `model.remat` names: what each layer keeps from its forward pass for the backward pass.
-# full keeps only its input (recomputes everything: least memory, ~1/3 more compute);
-# dots_saveable keeps every matmul output and recomputes the cheap elementwise rest (layer
-# norms, GELU, dropout masks, softmax); the others are jax.checkpoint_policies of that name.
-REMAT_POLICIES = ('none', 'full', 'dots_saveable', 'dots_with_no_batch_dims_saveable',
-                  'nothing_saveable', 'everything_saveable')
-
-
-def remat_policy(remat) -> tuple[bool, object]:
-  """(rematerialise?, jax.checkpoint policy or None) for a `model.remat` value; the
-  booleans of older configs mean full (True) and none (False)."""
-  if remat is True or remat == 'full':
-    return True, None
-  if remat is False or remat == 'none':
-    return False, None
-  if remat not in REMAT_POLICIES:
-    from adapter_tuning.errors import UsageError
-    raise UsageError(f'model.remat={remat!r} is not a remat policy; use one of '
-                     f'{", ".join(REMAT_POLICIES)}')
-  return True, getattr(jax.checkpoint_policies, remat)
 
 
 def _layer_rng(layers_rng, index):

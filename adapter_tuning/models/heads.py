@@ -21,7 +21,9 @@ import numpy as np
 import optax
 
 from adapter_tuning.errors import UsageError
-from adapter_tuning.models.encoder import Dropout, Encoder, ModelConfig, pool_tokens
+from adapter_tuning.models.dropout import Dropout
+from adapter_tuning.models.encoder import Encoder, ModelConfig
+from adapter_tuning.models.sequences import pool_tokens
 
 POOLINGS = ('pooler', 'cls', 'mean')
 HEAD_INIT = nn.initializers.normal(0.02)  # every head kernel; biases start at zero

@@ -43,8 +43,9 @@ import numpy as np
 
 from adapter_tuning.errors import UsageError
 from adapter_tuning.models.activations import ACTIVATIONS
-from adapter_tuning.models.encoder import (DenseAct, Dropout, ModelConfig, SelfAttention,
-                                           _site_rng, folded_attention, hooked, with_prefix)
+from adapter_tuning.models.dropout import Dropout
+from adapter_tuning.models.encoder import (DenseAct, ModelConfig, SelfAttention, _site_rng,
+                                           folded_attention, hooked, with_prefix)
 
 
 @dataclasses.dataclass(frozen=True)

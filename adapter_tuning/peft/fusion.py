@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from adapter_tuning.errors import UsageError
-from adapter_tuning.models.encoder import Dropout
+from adapter_tuning.models.dropout import Dropout
 from adapter_tuning.peft import Method, MethodConfig, from_fields
 from adapter_tuning.peft.bottleneck import Adapter, AdapterConfig
 

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from adapter_tuning.errors import UsageError
-from adapter_tuning.models.encoder import Dropout
+from adapter_tuning.models.dropout import Dropout
 from adapter_tuning.peft import Method, MethodConfig, from_fields, normalize_sites, site_scope
 
 TARGET_SITES = {'query': 'query', 'key': 'key', 'value': 'value',
