@@ -80,3 +80,30 @@ def tiny_config(checkpoint, task: str, **overrides):
       raise KeyError(f'{key} is not a config key')
     target[leaf] = value
   return config
+
+
+def merged_classifier(pretrained, config, base_dir, out, num_labels: int, **hf_kwargs):
+  """Random trained method params, pooler and head (IA³ scales around 1) for `pretrained`,
+  merged by hf_merged into `out` and loaded by transformers: (encoder params with the
+  trained ones, head, the transformers model). The parity tests of every family use it."""
+  import flax.traverse_util as tu
+  import numpy as np
+  import transformers
+  from adapter_tuning import peft
+  from adapter_tuning.interop import hf_merged
+  rng = np.random.default_rng(1)
+  flat = tu.flatten_dict(pretrained.params)
+  trained = {('encoder',) + k: rng.normal(1 if '_ia3' in k[-2] else 0, 0.2, v.shape
+                                          ).astype(np.float32)
+             for k, v in flat.items() if k[0] == 'pooler' or peft.is_method_param(k)}
+  width = pretrained.config.hidden_size
+  trained[('head', 'kernel')] = rng.normal(0, 0.2, (width, num_labels)).astype(np.float32)
+  trained[('head', 'bias')] = rng.normal(0, 0.2, (num_labels,)).astype(np.float32)
+  trained = tu.unflatten_dict(trained)
+  meta = {'head': 'classification', 'pooling': 'pooler', 'peft': peft.to_meta(config),
+          'label_names': [f'l{i}' for i in range(num_labels)], 'num_outputs': num_labels}
+  hf_config, state = hf_merged.build(meta, trained, base_dir)
+  hf_merged.write(out, hf_config, state, base_dir)
+  merged = transformers.AutoModelForSequenceClassification.from_pretrained(out, **hf_kwargs)
+  encoder = tu.unflatten_dict({**flat, **tu.flatten_dict(trained['encoder'])})
+  return encoder, trained['head'], merged.eval()

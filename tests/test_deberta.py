@@ -12,7 +12,6 @@ hf_merged export.
 
 import shutil
 
-import flax.traverse_util as tu
 import jax
 import numpy as np
 import pytest
@@ -27,6 +26,7 @@ from adapter_tuning.models.families import family_named
 from adapter_tuning.models.heads import TaskModel
 from adapter_tuning.peft.lora import LoRAConfig
 from adapter_tuning.peft.prefix import PrefixConfig
+from helpers import merged_classifier
 
 SENTENCES = ['The quick brown fox jumps over the lazy dog.', 'Hello!',
              'adapters add few parameters per task and the base stays frozen']
@@ -166,29 +166,16 @@ def test_lora_at_every_projection_site_merges_into_the_deberta_checkpoint(tmp_pa
 def test_merged_lora_classifier_loads_in_transformers_with_same_logits(tmp_path, minilm_dir):
   """hf_merged writes a DebertaV2ForSequenceClassification (pooler.dense = our pooler,
   classifier = our head) that transformers alone runs to our LoRA logits."""
-  from adapter_tuning.interop import hf_merged
   (tmp_path / 'base').mkdir()
   _, directory = _deberta(tmp_path / 'base', minilm_dir, **V2)
   lora = LoRAConfig(rank=2, targets=('query', 'value', 'output'))
   ours = load_pretrained(directory, lora)
-  rng = np.random.default_rng(1)
-  flat = tu.flatten_dict(ours.params)
-  trained = {('encoder',) + k: rng.normal(0, 0.2, v.shape).astype(np.float32)
-             for k, v in flat.items() if k[0] == 'pooler' or peft.is_method_param(k)}
-  trained[('head', 'kernel')] = rng.normal(0, 0.2, (32, NUM_LABELS)).astype(np.float32)
-  trained[('head', 'bias')] = rng.normal(0, 0.2, (NUM_LABELS,)).astype(np.float32)
-  trained = tu.unflatten_dict(trained)
-  meta = {'head': 'classification', 'pooling': 'pooler', 'peft': peft.to_meta(lora),
-          'label_names': ['a', 'b', 'c'], 'num_outputs': NUM_LABELS}
-  hf_config, state = hf_merged.build(meta, trained, directory)
-  hf_merged.write(tmp_path / 'merged', hf_config, state, directory)
-  merged = transformers.AutoModelForSequenceClassification.from_pretrained(
-      tmp_path / 'merged').eval()
+  encoder, head, merged = merged_classifier(ours, lora, directory, tmp_path / 'merged',
+                                            NUM_LABELS)
   assert type(merged).__name__ == 'DebertaV2ForSequenceClassification'
   batch = ours.encode(SENTENCES, PAIRS, max_length=48)
-  encoder = tu.unflatten_dict({**flat, **tu.flatten_dict(trained['encoder'])})
   _, ref = _hf_forward(merged, batch)
-  np.testing.assert_allclose(_logits(ours, encoder, trained['head'], batch, lora), ref,
+  np.testing.assert_allclose(_logits(ours, encoder, head, batch, lora), ref,
                              atol=1e-4, rtol=0)
 
 

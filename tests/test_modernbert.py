@@ -10,7 +10,6 @@ into a checkpoint that transformers alone runs to our logits, bottleneck adapter
 AdapterHub's plugin interface, and every PEFT method training on the family.
 """
 
-import re
 import shutil
 
 import flax.traverse_util as tu
@@ -23,7 +22,7 @@ import transformers
 
 from adapter_tuning import load_pretrained, peft
 from adapter_tuning.errors import UsageError
-from adapter_tuning.interop import hf_checkpoint, hf_merged
+from adapter_tuning.interop import hf_checkpoint
 from adapter_tuning.models.families import family_named
 from adapter_tuning.models.encoder import Encoder
 from adapter_tuning.models.heads import TaskModel
@@ -31,6 +30,7 @@ from adapter_tuning.peft.bottleneck import AdapterConfig, adapter_param_count
 from adapter_tuning.peft.ia3 import IA3Config
 from adapter_tuning.peft.lora import LoRAConfig
 from adapter_tuning.peft.prefix import PrefixConfig
+from helpers import merged_classifier
 
 SENTENCES = ['The quick brown fox jumps over the lazy dog and keeps running far away.', 'Hello!',
              'adapters add few parameters per task and the base stays frozen']
@@ -150,29 +150,14 @@ def test_lora_on_fused_qkv_and_ia3_merge_into_a_checkpoint_transformers_runs(tmp
                                              'intermediate', 'output')),
       IA3Config(targets=('key', 'value', 'intermediate', 'output'))])
   ours = load_pretrained(directory, config)
-  rng = np.random.default_rng(1)
-  flat = tu.flatten_dict(ours.params)
-  trained = {('encoder',) + k: (rng.normal(1 if '_ia3' in k[-2] else 0, 0.2, v.shape)
-                                ).astype(np.float32)
-             for k, v in flat.items() if k[0] == 'pooler' or peft.is_method_param(k)}
-  trained[('head', 'kernel')] = rng.normal(0, 0.2, (32, NUM_LABELS)).astype(np.float32)
-  trained[('head', 'bias')] = rng.normal(0, 0.2, (NUM_LABELS,)).astype(np.float32)
-  trained = tu.unflatten_dict(trained)
-  meta = {'head': 'classification', 'pooling': 'pooler', 'peft': peft.to_meta(config),
-          'label_names': ['a', 'b', 'c'], 'num_outputs': NUM_LABELS}
-  hf_config, state = hf_merged.build(meta, trained, directory)
-  hf_merged.write(tmp_path / 'merged', hf_config, state, directory)
-  merged = transformers.AutoModelForSequenceClassification.from_pretrained(
-      tmp_path / 'merged', attn_implementation='eager').eval()
+  encoder, head, merged = merged_classifier(ours, config, directory, tmp_path / 'merged',
+                                            NUM_LABELS, attn_implementation='eager')
   assert type(merged).__name__ == 'ModernBertForSequenceClassification'
   batch = ours.encode(SENTENCES, PAIRS, max_length=48)
-  encoder = tu.unflatten_dict({**flat, **tu.flatten_dict(trained['encoder'])})
-  ours_logits = _logits(ours, encoder, trained['head'], batch, config)
+  ours_logits = _logits(ours, encoder, head, batch, config)
   _, ref = _hf_forward(merged, batch)
   np.testing.assert_allclose(ours_logits, ref, atol=1e-4, rtol=0)
-  plain = _logits(ours, tu.unflatten_dict({**flat, **{
-      k[1:]: v for k, v in tu.flatten_dict(trained).items() if k[1] == 'pooler'}}),
-      trained['head'], batch)
+  plain = _logits(ours, {**ours.params, 'pooler': encoder['pooler']}, head, batch)
   assert np.abs(plain - ours_logits).max() > 1e-2  # the methods moved the output
 
 

@@ -15,12 +15,12 @@ import torch
 import transformers
 
 from adapter_tuning import load_pretrained, peft
-from adapter_tuning.interop import hf_merged
 from adapter_tuning.models.heads import TaskModel
 from adapter_tuning.peft.bottleneck import AdapterConfig
 from adapter_tuning.peft.ia3 import IA3Config
 from adapter_tuning.peft.lora import LoRAConfig
 from adapter_tuning.peft.prefix import PrefixConfig
+from helpers import merged_classifier
 from test_families_more import PAIRS, SENTENCES, _unigram_tokenizer
 
 NUM_LABELS = 3
@@ -83,25 +83,12 @@ def test_lora_and_ia3_merge_into_a_classifier_transformers_runs(tmp_path):
   config = peft.combine([LoRAConfig(rank=2, targets=('query', 'value', 'output')),
                          IA3Config()])
   ours = load_pretrained(directory, config)
-  rng = np.random.default_rng(1)
-  flat = tu.flatten_dict(ours.params)
-  trained = {('encoder',) + k: rng.normal(1 if '_ia3' in k[-2] else 0, 0.2, v.shape
-                                          ).astype(np.float32)
-             for k, v in flat.items() if k[0] == 'pooler' or peft.is_method_param(k)}
-  trained[('head', 'kernel')] = rng.normal(0, 0.2, (32, NUM_LABELS)).astype(np.float32)
-  trained[('head', 'bias')] = rng.normal(0, 0.2, (NUM_LABELS,)).astype(np.float32)
-  trained = tu.unflatten_dict(trained)
-  meta = {'head': 'classification', 'pooling': 'pooler', 'peft': peft.to_meta(config),
-          'label_names': ['a', 'b', 'c'], 'num_outputs': NUM_LABELS}
-  hf_config, state = hf_merged.build(meta, trained, directory)
-  hf_merged.write(tmp_path / 'merged', hf_config, state, directory)
-  merged = transformers.AutoModelForSequenceClassification.from_pretrained(
-      tmp_path / 'merged').eval()
+  encoder, head, merged = merged_classifier(ours, config, directory, tmp_path / 'merged',
+                                            NUM_LABELS)
   assert type(merged).__name__ == 'XLMRobertaXLForSequenceClassification'
   batch = ours.encode(SENTENCES, PAIRS, max_length=48)
-  encoder = tu.unflatten_dict({**flat, **tu.flatten_dict(trained['encoder'])})
   _, ref = _hf(merged, batch)
-  np.testing.assert_allclose(_logits(ours, encoder, trained['head'], batch, config), ref,
+  np.testing.assert_allclose(_logits(ours, encoder, head, batch, config), ref,
                              atol=1e-4, rtol=0)
 
 
