@@ -20,7 +20,10 @@ AdapterHub adapters cannot carry the base LayerNorms (see adapterhub.py), hence 
 
 Every PEFT method exports except BitFit: bottleneck adapters (DoubleSeqBnConfig, SeqBnConfig,
 ParBnConfig), LoRA (LoRAConfig), IA³ (IA3Config), prefix tuning (PrefixTuningConfig), and a
-combination of them as one ConfigUnion (MAM). Import an AdapterHub adapter of those configs,
+combination of them as one ConfigUnion (MAM); an AdapterFusion as `Fuse` over its adapters
+(interop/adapterhub_fusion.py) and a stack as `Stack(below, top)` (interop/adapterhub_stack.py),
+each a folder of AdapterHub adapters plus a README with the loading snippet, imported back
+the same way. Import an AdapterHub adapter of those configs,
 saved with its head, as an artifact that `adapter_tuning.predict` serves:
 
   python -m adapter_tuning.export --adapter AH_DIR --format adapterhub --to_artifact \\
@@ -221,20 +224,18 @@ def _load_artifact(artifact_dir: pathlib.Path, base: str | None):
 def export_artifact(artifact_dir: pathlib.Path, out: pathlib.Path, name: str | None = None,
                     base: str | None = None, overwrite: bool = False) -> str:
   """Artifact -> AdapterHub folder; returns a one-paragraph summary."""
-  from adapter_tuning.errors import UsageError
   from adapter_tuning.interop import adapterhub as ah
   _check_output(out, overwrite)
   meta, params, base_dir, config = _load_artifact(artifact_dir, base)
-  from adapter_tuning.interop import adapterhub_fusion
+  from adapter_tuning.interop import adapterhub_fusion, adapterhub_stack
   if adapterhub_fusion.fusion_of(meta) is not None:  # OUT/adapters/*, fusion/, head/
     return _export_fusion(meta, params, base_dir, config, out)
+  if adapterhub_stack.stack_of(meta) is not None:  # OUT/adapters/{below,top}, stack.json
+    return _export_stack(meta, params, base_dir, config, out, name)
   name = name or re.sub(r'[^A-Za-z0-9_\-]', '_', str(meta.get('task') or 'adapter'))
   files = ah.to_adapterhub(params, meta, config, name, base_dir.name)
   head_config = files.head_config['config']
-  if head_config.get('use_pooler') and 'pooler.dense.weight' not in {
-      re.sub(r'^(bert|roberta)\.', '', k) for k in _weight_keys(base_dir)}:
-    raise UsageError(f'base {base_dir} has no pooler weights: AdapterHub would initialise the '
-                     'pooler its head reads at random; use a base saved with its pooler')
+  _check_pooler(head_config, base_dir)
   wrote_bin = write_adapterhub(files, out)
   parts = [f'wrote AdapterHub adapter {name!r} + {head_config["head_type"]} head to {out}']
   if not wrote_bin:
@@ -243,6 +244,24 @@ def export_artifact(artifact_dir: pathlib.Path, out: pathlib.Path, name: str | N
     parts.append(f'trained LayerNorms are in {ah.LAYER_NORMS}: load them with '
                  'model.base_model.load_state_dict(..., strict=False), see README.md')
   return '; '.join(parts)
+
+
+def _check_pooler(head_config: dict, base_dir: pathlib.Path):
+  from adapter_tuning.errors import UsageError
+  if head_config.get('use_pooler') and 'pooler.dense.weight' not in {
+      re.sub(r'^(bert|roberta)\.', '', k) for k in _weight_keys(base_dir)}:
+    raise UsageError(f'base {base_dir} has no pooler weights: AdapterHub would initialise the '
+                     'pooler its head reads at random; use a base saved with its pooler')
+
+
+def _export_stack(meta, params, base_dir, config, out: pathlib.Path, name: str | None) -> str:
+  """A stack artifact -> the adapters below and on top + `Stack` (interop/adapterhub_stack)."""
+  from adapter_tuning.interop import adapterhub_stack
+  files = adapterhub_stack.to_adapterhub(params, meta, config, base_dir.name, name)
+  _check_pooler(files.task_files.head_config['config'], base_dir)
+  wrote_bin = adapterhub_stack.write(files, out)
+  return (f'wrote AdapterHub Stack({files.below!r}, {files.task!r}) to {out}'
+          f'{"" if wrote_bin else " (safetensors only: torch is not installed)"}; see README.md')
 
 
 def _export_fusion(meta, params, base_dir, config, out: pathlib.Path) -> str:
@@ -290,9 +309,11 @@ def import_adapterhub(ah_dir: pathlib.Path, base: str, out: pathlib.Path,
                      'trained on')
   _check_output(out, overwrite)
   base_dir = _base_dir(base, 'pass --base with a local Hugging Face checkpoint directory')
-  from adapter_tuning.interop import adapterhub_fusion
+  from adapter_tuning.interop import adapterhub_fusion, adapterhub_stack
   if adapterhub_fusion.is_layout(ah_dir):  # adapters/*, fusion/, head/: a fusion + its adapters
     return adapterhub_fusion.import_layout(ah_dir, base_dir, out, name, max_seq_length)
+  if adapterhub_stack.is_layout(ah_dir):  # adapters/{below,top}, stack.json
+    return adapterhub_stack.import_layout(ah_dir, base_dir, out, name, max_seq_length)
   config = hf_checkpoint.read_model_config(base_dir)
   files = read_adapterhub(ah_dir)
   imported = ah.from_adapterhub(files, config)

@@ -372,7 +372,8 @@ def test_prefix_tuning_equals_adapterhub_prefix_tuning(minilm_dir):
   pre = load_pretrained(minilm_dir, adapter=config)
   c = pre.config
   assert sum(v.size for k, v in tu.flatten_dict(pre.params).items() if k[0] == 'kv_prefix') == \
-      prefix.param_count(config.configs[0], c.hidden_size, c.num_layers)
+      prefix.param_count(next(p for p in peft.parts(config) if isinstance(p, PrefixConfig)),
+                         c.hidden_size, c.num_layers)
   flat = tu.flatten_dict(pre.params)
   rng = np.random.default_rng(0)
   ours_of = {'wte.weight': ('kv_prefix', 'wte'),

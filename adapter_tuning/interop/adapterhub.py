@@ -355,3 +355,36 @@ def _layer_norms_from_state(state: dict, config: ModelConfig) -> dict:
     raise UsageError(f'{LAYER_NORMS} holds tensors that are not LayerNorms of this base: '
                      f"{listing(unknown)}")
   return out
+
+
+# ------------------------------------------------ adapters borrowed by path + hash (fusion, stack)
+
+
+def referenced_files(ref, who, config: ModelConfig, base_name: str) -> AdapterHubFiles:
+  """A borrowed adapter's (peft/references) own AdapterHub folder: its adapters and head, not
+  its LayerNorms (the borrowing artifact runs on the base's, or on its own)."""
+  import pathlib
+
+  from adapter_tuning.interop import artifact
+  from adapter_tuning.peft import references
+  references.adapter_weights(ref, who)  # refuses a missing or changed artifact in one line
+  meta, params = artifact.load(pathlib.Path(ref.path))
+  keep = {k: v for k, v in tu.flatten_dict(params).items() if not k[-2].endswith('layer_norm')}
+  files = to_adapterhub(tu.unflatten_dict(keep), meta, config, ref.name, base_name)
+  return dataclasses.replace(files, layer_norm_state=None)
+
+
+def import_referenced(folder, base_dir, staged, final, refusal: str):
+  """An exported borrowed adapter (`folder`) imported as an artifact at `staged`, which the
+  caller moves to `final` afterwards: its AdapterRef names `final` (the hash is of the
+  content, so the move keeps it valid). Anything but one bottleneck adapter: `refusal`."""
+  from adapter_tuning import export
+  from adapter_tuning.interop import artifact
+  from adapter_tuning.peft import bottleneck, references
+  export.import_adapterhub(folder, str(base_dir), staged, name=None)
+  meta, _ = artifact.load(staged)
+  method = peft.config_from_meta(meta)
+  if not isinstance(method, bottleneck.AdapterConfig):
+    raise UsageError(f'adapter {folder.name!r} is {peft.describe(method)}; {refusal}')
+  return references.AdapterRef(folder.name, str(final.resolve()), artifact.content_hash(staged),
+                               method)

@@ -48,6 +48,7 @@ FUSION_WEIGHTS = ('model_adapter_fusion.safetensors', 'pytorch_model_adapter_fus
 DYNAMIC = {'key': True, 'query': True, 'value': True, 'query_before_ln': False,
            'regularization': True, 'residual_before': False, 'temperature': False,
            'value_before_softmax': True, 'value_initialized': True, 'dropout_prob': None}
+REFUSAL = 'AdapterFusion fuses bottleneck adapters'
 _PROJ = (('query', 'kernel', 'query.weight'), ('query', 'bias', 'query.bias'),
          ('key', 'kernel', 'key.weight'), ('key', 'bias', 'key.bias'),
          ('value', None, 'value.weight'))
@@ -134,8 +135,10 @@ def to_adapterhub(params: dict, meta: dict, config, base_name: str) -> FusionFil
   readme = README_TEXT.format(names=names, fuse=', '.join(map(repr, names)), head=head_name,
                               ln_step=ah.LN_STEP if ln_state else '', dropout=fuse.dropout,
                               regularization=fuse.regularization)
-  return FusionFiles({m.name: _adapter_files(m, config, base_name) for m in fuse.adapters},
-                     fusion_config, _fusion_state(fuse, by_method[0], config, fusion_name),
+  adapters = {m.name: ah.referenced_files(m, fusion.BORROWER, config, base_name)
+              for m in fuse.adapters}
+  return FusionFiles(adapters, fusion_config,
+                     _fusion_state(fuse, by_method[0], config, fusion_name),
                      {**top, 'name': head_name, 'config': head_config}, head_state, ln_state,
                      readme)
 
@@ -162,16 +165,6 @@ def _fusion_state(fuse, flat: dict, config, fusion_name: str) -> dict:
         value = flat.get(path, default) if used else default
         state[theirs + key] = value.T if value.ndim == 2 else value
   return state
-
-
-def _adapter_files(member, config, base_name: str) -> ah.AdapterHubFiles:
-  """One fused adapter's own AdapterHub folder: its adapters and head, not its LayerNorms
-  (the fusion runs on the base's, or the fusion run's own)."""
-  fusion.adapter_weights(member)  # refuses a missing or changed artifact in one line
-  meta, params = artifact.load(pathlib.Path(member.path))
-  keep = {k: v for k, v in tu.flatten_dict(params).items() if not k[-2].endswith('layer_norm')}
-  files = ah.to_adapterhub(tu.unflatten_dict(keep), meta, config, member.name, base_name)
-  return dataclasses.replace(files, layer_norm_state=None)
 
 
 def write(files: FusionFiles, out: pathlib.Path) -> bool:
@@ -230,7 +223,8 @@ def import_layout(ah_dir: pathlib.Path, base_dir: pathlib.Path, out: pathlib.Pat
   staged = out.with_name(out.name + '.fused.tmp')
   shutil.rmtree(staged, ignore_errors=True)
   try:
-    members = [_import_member(pathlib.Path(ah_dir), base_dir, staged, out, n)
+    members = [ah.import_referenced(pathlib.Path(ah_dir) / ADAPTERS_DIR / n, base_dir,
+                                    staged / n, out / 'fused' / n, REFUSAL)
                for n in cfg.get('adapter_names') or []]
     dropout = cfg['config'].get('dropout_prob') or config.attention_dropout  # AdapterHub's
     fuse = fusion.FusionConfig(tuple(members), dropout=float(dropout),
@@ -261,19 +255,6 @@ def _check_dynamic(config: dict):
   if bad:
     raise UsageError(f'AdapterFusion options {bad} have no equivalent here; only the default '
                      '"dynamic" AdapterFusion (DynamicAdapterFusionConfig) imports')
-
-
-def _import_member(ah_dir, base_dir, staged: pathlib.Path, out: pathlib.Path, name: str):
-  from adapter_tuning import export
-  folder = staged / name
-  export.import_adapterhub(ah_dir / ADAPTERS_DIR / name, str(base_dir), folder, name=None)
-  meta, _ = artifact.load(folder)
-  method = peft.config_from_meta(meta)
-  if not isinstance(method, fusion.AdapterConfig):
-    raise UsageError(f'fused adapter {name!r} is {peft.describe(method)}; AdapterFusion fuses '
-                     'bottleneck adapters')
-  return fusion.Fused(name, str((out / 'fused' / name).resolve()), artifact.content_hash(folder),
-                      method)
 
 
 def _fusion_params(fuse, state: dict, config, fusion_name: str) -> dict:

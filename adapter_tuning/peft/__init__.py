@@ -23,11 +23,15 @@ Prefix tuning hooks the attention keys and values of every layer from one module
 encoder runs once per call (`MethodConfig.encoder_hook`).
 
 AdapterFusion (`fusion.py`) hooks the sub-layer sites with attention over frozen adapters
-loaded from other artifacts; `Method.frozen_params` keeps those out of every preset.
+loaded from other artifacts, and stacking (`stack.py`) runs one such adapter below the run's
+own (`references.py` holds what both share); `Method.frozen_params` keeps those out of
+every preset.
 
 Methods combine: several configs run as one `Combined` config, whose hook at a site runs
-each method's module in turn (bottleneck adapters and LoRA in one model, say; MAM is prefix
-tuning plus a scaled parallel FFN adapter).
+each method's module in turn, in `methods()` order whoever combines them (`combine`):
+a stack's frozen adapter before the bottleneck adapter trained on it, LoRA before IA³
+(bottleneck adapters and LoRA in one model, say; MAM is prefix tuning plus a scaled
+parallel FFN adapter).
 
 Every parameter a method creates lives under a module whose name ends with the method's
 `param_marker` (bottleneck: 'layer_3/ffn_adapter/...'). The `adapters` trainable preset,
@@ -132,12 +136,16 @@ class Method:
   for_serving: Callable | None = None  # (config, an artifact's encoder params) -> the params
   # `union`'s config holds for it (prefix tuning: its positions marked in use)
   frozen_params: str = ''  # a regex over '/'-joined param paths of the method's params that
-  # are loaded, never trained (AdapterFusion's fused adapters): frozen under every preset
+  # are loaded, never trained (fused adapters, a stack's adapter below): frozen under every
+  # preset
 
 
 def methods() -> tuple[Method, ...]:
-  from adapter_tuning.peft import bottleneck, fusion, ia3, lora, prefix  # lazy: import layers
-  return (bottleneck.METHOD, lora.METHOD, ia3.METHOD, prefix.METHOD, fusion.METHOD)
+  """Every method, in the order their modules run at a site they share (`combine`)."""
+  from adapter_tuning.peft import (bottleneck, fusion, ia3, lora, prefix,  # lazy: import layers
+                                   stack)
+  return (stack.METHOD, bottleneck.METHOD, lora.METHOD, ia3.METHOD, prefix.METHOD,
+          fusion.METHOD)
 
 
 def frozen_patterns() -> tuple[str, ...]:
@@ -192,10 +200,15 @@ class Combined(MethodConfig):
 
 
 def combine(configs) -> object:
-  """None, the one config, or a `Combined` of several (at most one per method)."""
+  """None, the one config, or a `Combined` of several (at most one per method), in
+  `methods()` order: the order their modules run in at a shared site is part of the model,
+  so it must not depend on who combines them (a run config, an artifact's meta, the
+  serving `union` of artifacts listed in any order, an AdapterHub union's member order)."""
   configs = [c for c in configs if c is not None]
   if not configs:
     return None
+  order = {m.config_class: i for i, m in enumerate(methods())}
+  configs = sorted(configs, key=lambda c: order.get(type(c), len(order)))
   return configs[0] if len(configs) == 1 else Combined(tuple(configs))
 
 

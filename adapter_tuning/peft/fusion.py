@@ -17,11 +17,12 @@ query_before_ln, residual_before, temperature off; dropout on the scores at the 
 attention dropout unless model.fusion.dropout says otherwise), so that `Fuse(A, B)` there
 reproduces these logits (interop/adapterhub_fusion.py).
 
-The fused adapters' weights are loaded from their artifacts (verified against the content
-hash recorded here) into 'fused_<hash>' submodules and are never trained: the method's
-`frozen_params` pattern freezes them under every trainable preset, so a fusion run's
-artifact holds only Q, K, V (+ head, + LayerNorms under `adapters`) and names its adapters
-by path and hash. Their own heads and trained LayerNorms are not used.
+The fused adapters' weights are loaded from their artifacts (`references.py`, shared with
+stacking; verified against the content hash recorded here) into 'fused_<hash>' submodules
+and are never trained: the method's `frozen_params` pattern freezes them under every
+trainable preset, so a fusion run's artifact holds only Q, K, V (+ head, + LayerNorms under
+`adapters`) and names its adapters by path and hash. Their own heads and trained LayerNorms
+are not used.
 
 Serving several artifacts in one batch (`union`, `for_serving`): each site holds every
 fused adapter of every fusion artifact, and a scalar 'use_<hash>' per adapter and example
@@ -33,8 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import pathlib
-import re
 
 import flax.linen as nn
 import jax
@@ -44,35 +43,17 @@ import numpy as np
 from adapter_tuning.errors import UsageError
 from adapter_tuning.models.dropout import Dropout
 from adapter_tuning.peft import Method, MethodConfig, from_fields
-from adapter_tuning.peft.bottleneck import Adapter, AdapterConfig
+from adapter_tuning.peft import references
+from adapter_tuning.peft.bottleneck import Adapter
+from adapter_tuning.peft.references import AdapterRef
 
 PARAM_MARKER = '_fusion'
 SITES = ('attention', 'ffn')
 FROZEN = PARAM_MARKER + r'/fused_'  # the fused adapters' params: loaded, never trained
 VALUE_OFF_DIAGONAL = 1e-6  # AdapterHub's value_initialized: identity, 1e-6 elsewhere
 QK_INIT_STD = 0.02  # AdapterHub's init_bert_weights for query and key
-
-
-@dataclasses.dataclass(frozen=True, repr=False)
-class Fused:
-  """One fused adapter: its artifact (path + content hash) and its bottleneck geometry."""
-
-  name: str  # the adapter's task as a name (AdapterHub adapter name on export)
-  path: str  # its artifact folder, absolute
-  sha256: str  # artifact.content_hash of that folder when the fusion was trained
-  adapter: AdapterConfig
-
-  def __post_init__(self):
-    if not isinstance(self.adapter, AdapterConfig):
-      object.__setattr__(self, 'adapter', AdapterConfig.from_any(self.adapter))
-
-  @property
-  def module(self) -> str:
-    """Its submodule name at every site: by content, so a union holds each adapter once."""
-    return f'fused_{self.sha256[:16]}'
-
-  def __repr__(self) -> str:
-    return f'{self.name}@{self.sha256[:8]}'
+SUBMODULE = 'fused'  # each fused adapter's submodule: 'fused_<hash>' (AdapterRef.submodule)
+BORROWER = references.Borrower('fused adapter', 'the fusion')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,7 +61,7 @@ class FusionConfig(MethodConfig):
   """The fused adapters and the fusion layer's training options.
 
   Attributes:
-    adapters: the fused adapters (`Fused`, or their fields as dicts: an artifact's meta).
+    adapters: the fused adapters (`AdapterRef`, or their fields as dicts: an artifact's meta).
     dropout: dropout on the attention scores while training (AdapterHub: the base's
       attention_probs_dropout_prob).
     regularization: strength of ||I - V||^2 in the loss (AdapterHub: 0.01; 0 = off). Added
@@ -95,7 +76,7 @@ class FusionConfig(MethodConfig):
   seed: int = 0
 
   def __post_init__(self):
-    fused = tuple(a if isinstance(a, Fused) else Fused(**dict(a)) for a in self.adapters)
+    fused = references.as_refs(self.adapters)
     object.__setattr__(self, 'adapters', fused)
     if not fused:
       raise UsageError('an AdapterFusion needs adapters; set model.fusion.adapters=A,B')
@@ -112,7 +93,7 @@ class FusionConfig(MethodConfig):
       raise UsageError(f'adapters {parallel} are parallel adapters; AdapterFusion fuses '
                        'sequential bottleneck adapters (houlsby, pfeiffer)')
 
-  def members(self, layer: int, site: str) -> tuple[Fused, ...]:
+  def members(self, layer: int, site: str) -> tuple[AdapterRef, ...]:
     return tuple(a for a in self.adapters if a.adapter.has_adapter(layer, site))
 
   def sites(self, layer: int) -> tuple[str, ...]:
@@ -122,8 +103,8 @@ class FusionConfig(MethodConfig):
     members = self.members(layer, site) if site in SITES else ()
     if not members:
       return None
-    geometry = tuple((a.module, a.adapter.size, a.adapter.activation, a.adapter.scaling)
-                     for a in members)
+    geometry = tuple((a.submodule(SUBMODULE), a.adapter.size, a.adapter.activation,
+                      a.adapter.scaling) for a in members)
     return Fusion(geometry, members[0].adapter.original_ln_before, self.dropout,
                   self.regularization, self.serving, dtype=dtype, name=f'{site}{PARAM_MARKER}')
 
@@ -140,9 +121,10 @@ class FusionConfig(MethodConfig):
       module['value'][...] = VALUE_OFF_DIAGONAL
       np.fill_diagonal(module['value'], 1.0)
       for member in self.members(layer, site):
-        _copy_adapter(module[member.module], member, layer, site)
+        references.copy_adapter(module[member.submodule(SUBMODULE)], member, layer, site,
+                                BORROWER)
         if self.serving:
-          module[f'use_{member.module}'][...] = 0.0
+          module[f'use_{member.submodule(SUBMODULE)}'][...] = 0.0
 
   def check(self, model_config):
     for member in self.adapters:
@@ -217,96 +199,7 @@ class Fusion(nn.Module):
     return y_BxTxD + context_BxTxD.astype(y_BxTxD.dtype)
 
 
-# ----------------------------------------------------------------------------- fused adapters
-
-_LOADED: dict = {}  # (path, sha256, file stamps) -> the artifact's encoder params
-
-
-def _stamp(directory: pathlib.Path) -> tuple:
-  return tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns)
-               for f in (directory / 'config.json', directory / 'weights.safetensors'))
-
-
-def adapter_weights(member: Fused) -> dict:
-  """A fused adapter's encoder params from its artifact, refused in one line when the
-  artifact is gone or differs from the one the fusion was trained with."""
-  from adapter_tuning.interop import artifact
-  directory = pathlib.Path(member.path)
-  if not all((directory / n).is_file() for n in ('config.json', 'weights.safetensors')):
-    raise UsageError(f'fused adapter {member.name!r} (sha256 {member.sha256[:12]}...) is '
-                     f'missing: no artifact at {directory}; put it back there (a fusion '
-                     'references its adapters by path and content hash)')
-  key = (member.path, member.sha256, _stamp(directory))
-  if key not in _LOADED:
-    found = artifact.content_hash(directory)
-    if found != member.sha256:
-      raise UsageError(f'fused adapter {member.name!r} at {directory} changed since the fusion '
-                       f'was trained (sha256 {found[:12]}..., recorded {member.sha256[:12]}...); '
-                       'restore that artifact or train the fusion again')
-    if len(_LOADED) > 32:
-      _LOADED.clear()
-    _LOADED[key] = artifact.load(directory)[1].get('encoder', {})
-  return _LOADED[key]
-
-
-def _copy_adapter(target: dict, member: Fused, layer: int, site: str):
-  trained = adapter_weights(member).get(f'layer_{layer}', {}).get(f'{site}_adapter')
-  if trained is None:
-    raise UsageError(f'fused adapter {member.name!r} ({member.path}) has no trained adapter '
-                     f'at layer {layer} ({site}) although its config places one there')
-  for proj in ('down', 'up'):
-    for leaf in ('kernel', 'bias'):
-      value = np.asarray(trained[proj][leaf], np.float32)
-      if value.shape != target[proj][leaf].shape:
-        raise UsageError(f'fused adapter {member.name!r}: {proj}/{leaf} at layer {layer} has '
-                         f'shape {value.shape}, its config implies {target[proj][leaf].shape}')
-      target[proj][leaf][...] = value
-
-
 # ----------------------------------------------------------------------------- the method
-
-
-def _name(task: str, taken: set) -> str:
-  name = re.sub(r'[^A-Za-z0-9_\-]', '_', task or 'adapter')
-  unique, i = name, 2
-  while unique in taken:
-    unique, i = f'{name}_{i}', i + 1
-  taken.add(unique)
-  return unique
-
-
-def _member(path: str, run_base: dict, taken: set) -> Fused:
-  from adapter_tuning import peft
-  from adapter_tuning.interop import artifact
-  directory = pathlib.Path(path).expanduser().resolve()
-  meta, _ = artifact.load(directory)
-  artifact.check_base(meta, run_base, str(directory))
-  parts = peft.parts(peft.config_from_meta(meta))
-  if len(parts) != 1 or not isinstance(parts[0], AdapterConfig):
-    raise UsageError(f'{directory} holds {peft.describe(peft.config_from_meta(meta))}; '
-                     'AdapterFusion fuses bottleneck-adapter artifacts (houlsby, pfeiffer)')
-  adapter = dataclasses.replace(parts[0], seed=0, drop_lowest=0, init_scale=0.0)
-  return Fused(_name(meta['task'], taken), str(directory), artifact.content_hash(directory),
-               adapter)
-
-
-@functools.lru_cache(maxsize=4)
-def _identity(directory: str, stamp: tuple) -> dict:
-  del stamp  # part of the cache key: a rewritten checkpoint is hashed again
-  from adapter_tuning.interop import hf_checkpoint
-  return hf_checkpoint.checkpoint_identity(pathlib.Path(directory))
-
-
-def _run_base(config) -> tuple[dict, object]:
-  """(identity, model config) of the run's base checkpoint."""
-  from adapter_tuning.interop import hf_checkpoint
-  if not config.model.checkpoint:
-    raise UsageError('model.fusion needs model.checkpoint: the base its adapters were '
-                     'trained on')
-  directory = hf_checkpoint.resolve_checkpoint(config.model.checkpoint)
-  stamp = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns)
-                for f in hf_checkpoint.weight_files(directory))
-  return _identity(str(directory), stamp), hf_checkpoint.read_model_config(directory)
 
 
 def _check_alone(config):
@@ -330,9 +223,11 @@ def from_run_config(config) -> FusionConfig | None:
     raise UsageError(f'model.fusion.adapters names one artifact ({paths[0]}); a fusion '
                      'combines two or more: A,B[,...]')
   _check_alone(config)
-  identity, model_config = _run_base(config)
+  identity, model_config = references.run_base(config, 'model.fusion')
   taken: set = set()
-  members = tuple(_member(p, identity, taken) for p in paths)
+  members = tuple(references.reference(
+      p, identity, taken, 'AdapterFusion fuses bottleneck-adapter artifacts (houlsby, pfeiffer)')
+      for p in paths)
   hashes = [m.sha256 for m in members]
   if len(set(hashes)) < len(hashes):
     raise UsageError('model.fusion.adapters names the same artifact twice; fuse distinct ones')
@@ -359,19 +254,8 @@ def union(configs: list[FusionConfig]) -> FusionConfig:
 
 def for_serving(config: FusionConfig, encoder_params: dict) -> dict:
   """An artifact's params as `union`'s config holds them: its own adapters switched on."""
-  out = dict(encoder_params)
-  for layer in sorted({i for m in config.adapters for i in _layers(m)}):
-    for site in config.sites(layer):
-      key = f'layer_{layer}'
-      module = dict(out.get(key, {}).get(f'{site}{PARAM_MARKER}', {}))
-      module.update({f'use_{m.module}': np.float32(1.0) for m in config.members(layer, site)})
-      out[key] = {**out.get(key, {}), f'{site}{PARAM_MARKER}': module}
-  return out
-
-
-def _layers(member: Fused) -> set[int]:
-  """The layers a fused adapter sits in: those its artifact trained adapters in."""
-  return {int(m[1]) for k in adapter_weights(member) if (m := re.fullmatch(r'layer_(\d+)', k))}
+  return references.switched_on(config, config.adapters, PARAM_MARKER, SUBMODULE, BORROWER,
+                                encoder_params)
 
 
 METHOD = Method(name='fusion', config_class=FusionConfig, param_marker=PARAM_MARKER,

@@ -14,7 +14,9 @@ example attends only to its own artifact's prefix positions; `peft.for_serving`)
 rules (a leaf one task did not train takes the base's value) and head width (extra logits
 are masked). A fusion artifact's fused adapters are part of the resident base (loaded from
 their own artifacts, hash-checked); per-example switches say which of them an example's
-fusion attends over, none for other artifacts' examples (peft/fusion.py).
+fusion attends over, none for other artifacts' examples (peft/fusion.py). A stack artifact's
+adapter below is resident the same way, switched on for its own examples only, and runs
+before the (union's) bottleneck adapter at each site (peft/stack.py).
 """
 
 from __future__ import annotations
@@ -68,6 +70,9 @@ class MultiTaskModel:
     if not loaded:
       raise UsageError('no adapter given; pass --adapter DIR[,DIR...]')
     metas = [m for _, m, _ in loaded]
+    for (d, meta, _) in loaded:
+      if head_kind(meta['head']).not_servable:
+        raise UsageError(f'adapter {d} ({meta["task"]}): {head_kind(meta["head"]).not_servable}')
     names = [m['task'] for m in metas]
     if len(set(names)) != len(names):
       raise UsageError(f'two adapters were trained on the same task ({names}); load one per task')
