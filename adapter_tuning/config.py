@@ -111,6 +111,10 @@ def _model_keys() -> ml_collections.ConfigDict:
                                       # dropout (AdapterHub's default)
   m.fusion.regularization = 0.01      # strength of ||I - V||^2 on the value matrix (AdapterHub)
 
+  m.stack = ml_collections.ConfigDict()  # stacking, MAD-X (peft/stack.py)
+  m.stack.below = ''                  # a bottleneck-adapter artifact folder of this base to run,
+                                      # frozen, below this run's model.adapter at every site;
+                                      # '' = off
   m.head = ml_collections.ConfigDict()
   m.head.pooling = 'pooler'           # sentence vector of classification/regression heads:
                                       # pooler (tanh over [CLS], the paper) | cls ([CLS]
@@ -123,11 +127,13 @@ def _model_keys() -> ml_collections.ConfigDict:
 def _data_keys() -> ml_collections.ConfigDict:
   """config.data: the task, where it is read from, and how it is batched."""
   m = ml_collections.ConfigDict()
-  m.task = 'glue/sst2'          # glue/<name> | squad | text (generic classification) | demo
+  m.task = 'glue/sst2'          # glue/<name> | squad | text (generic classification) | mlm
+                                # (masked-LM language adapter on plain text) | demo
   m.source = 'tfds'             # tfds | glue_dir | squad_json | files | generated (demo)
   m.data_dir = ''               # glue_dir: GLUE-layout TSV folder; tfds: TFDS data_dir ('' = default)
-  m.train_file = ''             # squad_json / files: training file
-  m.eval_file = ''              # squad_json / files: evaluation file
+  m.train_file = ''             # squad_json / files: training file (mlm: comma-separated
+                                # .txt, one text per line, or CSV/TSV/JSONL with text_key)
+  m.eval_file = ''              # squad_json / files: evaluation file (mlm: held-out text)
   m.tfds_name = ''              # task=text from TFDS: dataset name, e.g. imdb_reviews
   m.name = ''                   # task=text: the name adapters are known by ('' = TFDS name or data folder)
   m.text_key = 'text'           # task=text: column / feature with the text
@@ -146,6 +152,8 @@ def _data_keys() -> ml_collections.ConfigDict:
   m.packing = False             # pack several examples per row of max_seq_length (one
                                 # process; heads with one output per example): the
                                 # num_buckets row counts replace the length buckets
+  m.mlm_probability = 0.15      # mlm: share of non-special tokens predicted (BERT: 0.15;
+                                # of them 80% [MASK], 10% random, 10% unchanged)
   m.doc_stride = 128            # squad: stride between context windows
   m.max_query_length = 64       # squad: question tokens kept
   m.max_answer_length = 30      # squad: longest answer span considered at eval
@@ -255,5 +263,21 @@ def _check_task(data):
     raise UsageError(f'unknown data.source {data.source!r}; use one of {", ".join(SOURCES)}')
   if data.task.startswith('glue/'):
     get_task(data.task)
+  elif data.task == 'mlm':
+    _check_mlm(data)
   elif data.task not in ('squad', 'text', 'demo'):
-    raise UsageError(f'unknown data.task {data.task!r}; use glue/<task>, squad, text or demo')
+    raise UsageError(f'unknown data.task {data.task!r}; use glue/<task>, squad, text, mlm or '
+                     'demo')
+
+
+def _check_mlm(data):
+  """data.task=mlm: plain text files, a masking share in (0, 1), no packing."""
+  if data.source != 'files':
+    raise UsageError(f'data.task=mlm reads text files: set data.source=files with '
+                     f'data.train_file and data.eval_file (got data.source={data.source!r})')
+  if not 0 < data.mlm_probability < 1:
+    raise UsageError(f'data.mlm_probability must be in (0, 1), got {data.mlm_probability}; '
+                     "BERT's recipe uses 0.15")
+  if data.packing:
+    raise UsageError('data.packing does not apply to data.task=mlm (its head predicts '
+                     'tokens, not one output per example); set data.packing=false')

@@ -14,6 +14,8 @@ import pathlib
 import re
 import statistics
 
+from adapter_tuning.data.metrics import lower_is_better  # perplexity, losses, errors
+
 CSV_FIELDS = ('name', 'status', 'method', 'adapter_size', 'placement', 'learning_rate',
               'num_epochs', 'num_train_steps', 'seed', 'trained_params', 'total_params',
               'base_params', 'pct_of_base', 'metric', 'final', 'best', 'best_step', 'selected')
@@ -82,10 +84,6 @@ def _default_metric(artifact: dict) -> str | None:
   if 'f1' in names and artifact.get('task') == 'squad':
     return 'eval/f1'  # the paper reports SQuAD F1
   return f'eval/{names[0]}' if names else None
-
-
-def lower_is_better(metric: str) -> bool:
-  return metric.rsplit('/', 1)[-1].endswith(('loss', 'error'))
 
 
 def find_runs(workdir: pathlib.Path) -> list[pathlib.Path]:

@@ -53,7 +53,7 @@ def test_span_loss_averages_start_and_end_and_ignores_padding():
 
 
 def test_every_head_kind_has_its_outputs_and_label_keys():
-  assert set(HEADS) == {'classification', 'regression', 'span'}
+  assert set(HEADS) == {'classification', 'regression', 'span', 'mlm'}
   assert head_kind('regression').num_outputs(()) == 1
   assert head_kind('classification').num_outputs(('a', 'b', 'c')) == 3
   span = head_kind('span')

@@ -84,6 +84,17 @@ METRICS = {'accuracy': accuracy, 'f1': f1, 'matthews_corr': matthews_corr,
 _REGRESSION = ('pearson', 'spearman')
 
 
+# Metrics where smaller is better (model selection and early stopping minimise them):
+# masked-LM perplexity, and losses or error rates by name.
+LOWER_IS_BETTER = ('perplexity',)
+
+
+def lower_is_better(metric: str) -> bool:
+  """For a metric name or a metrics key ('eval/perplexity', 'eval/dev/loss')."""
+  name = metric.rsplit('/', 1)[-1]
+  return name in LOWER_IS_BETTER or name.endswith(('loss', 'error'))
+
+
 def compute_metrics(metric_names: Sequence[str], predictions, labels) -> dict[str, float]:
   """{name: value} for each metric; predictions are class ids (or [N, C] logits) or floats."""
   unknown = [m for m in metric_names if m not in METRICS]

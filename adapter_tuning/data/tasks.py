@@ -1,6 +1,6 @@
 """From `config.data` to tokenized splits: the one place that knows every data source.
 
-Readers (GLUE TSV/TFDS, generic text files, SQuAD, the demo task) return raw examples;
+Readers (GLUE TSV/TFDS, generic text files, SQuAD, plain text for MLM, the demo task) return raw examples;
 this module tokenises them once with the checkpoint's tokenizer and keeps token ids as
 ragged numpy arrays. Batching (buckets, shuffling, sharding) is `data.batching`'s job.
 """
@@ -43,6 +43,8 @@ class TaskData:
   train: Optional[Split]
   evals: dict[str, Split]
   report: dict = dataclasses.field(default_factory=dict)  # counts worth printing (skips, etc.)
+  # data.task=mlm: every batch is masked on the host (data/mlm.Masking), train and eval
+  masking: Optional[Any] = None
 
   @property
   def num_outputs(self) -> int:
@@ -95,6 +97,9 @@ def load_task_data(config, tokenizer, with_train: bool = True) -> TaskData:
     return qa_data.load_squad(config, tokenizer, with_train)
   if data.task == 'text':
     return _text(config, tokenizer, with_train)
+  if data.task == 'mlm':
+    from adapter_tuning.data import mlm
+    return mlm.load_mlm(config, tokenizer, with_train)
   if data.task == 'demo':
     from adapter_tuning.data import demo
     return _classification_task(
@@ -102,7 +107,7 @@ def load_task_data(config, tokenizer, with_train: bool = True) -> TaskData:
         eval_examples={'validation': lambda: demo.make_examples('validation', config.seed)},
         task='demo', label_names=demo.LABELS, metric_names=('accuracy',), regression=False,
         with_train=with_train)
-  raise UsageError(f'unknown data.task {data.task!r}; use glue/<task>, squad, text or demo')
+  raise UsageError(f'unknown data.task {data.task!r}; use glue/<task>, squad, text, mlm or demo')
 
 
 def _glue(config, tokenizer, with_train):

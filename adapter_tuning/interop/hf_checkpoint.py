@@ -132,6 +132,18 @@ def _strip_prefix(state: dict[str, np.ndarray], prefixes: tuple[str, ...]) -> di
   return out
 
 
+def read_tensors(directory: pathlib.Path, family: str, keys) -> dict[str, np.ndarray]:
+  """The tensors among `keys` (names without the family's prefix) that the checkpoint holds:
+  heads kept beside the encoder (the masked-LM head). Only they are read from safetensors
+  files; a `.bin` checkpoint is read whole."""
+  prefixes = family_named(family).key_prefixes + ('model.',)
+  reader = SliceReader.open(pathlib.Path(directory), prefixes)
+  if reader is None:
+    state = _strip_prefix(load_state_dict(pathlib.Path(directory)), prefixes)
+    return {k: np.asarray(state[k], np.float32) for k in keys if k in state}
+  return {k: reader.read(k).astype(np.float32) for k in keys if k in reader.keys}
+
+
 def checkpoint_key(path: tuple[str, ...], family: str) -> tuple[str, str]:
   """A Flax param path under the encoder -> (HF key, conversion kind), by the family's map."""
   return family_named(family).checkpoint_key(path)

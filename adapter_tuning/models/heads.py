@@ -6,8 +6,9 @@ adapter code), `cls` (the [CLS] hidden state itself, AdapterHub's `use_pooler=Fa
 `mean` (the mean over real tokens, how sentence-transformers checkpoints were trained).
 The choice matters for checkpoints whose pooler was never trained for [CLS]: MiniLM's pooled
 output varies across inputs ~5x less than its [CLS] state (docs/glue_minilm.md). Extractive
-QA uses a span head giving start and end logits per token.
-Params: {'encoder': ..., 'head': {'kernel', 'bias'}}.
+QA uses a span head giving start and end logits per token; masked language modelling (MAD-X's
+language adapters) the family's own LM head over the tied word embeddings (`mlm_head`).
+Params: {'encoder': ..., 'head': {'kernel', 'bias'}} (the LM head: {'dense', 'layer_norm', 'bias'}).
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ class HeadKind:
   name: str
   label_keys: tuple[str, ...] = ('labels',)
   per_token = False
+  vocabulary = False  # outputs are the vocabulary: the family's LM head (mlm_head.MLMHead)
+  not_servable = ''  # why predict/serve cannot run this kind ('' = they can)
   label_dtype = np.int32
   standardized_targets = False  # regression: learned on (y - mean) / std, see TargetScale
 
@@ -65,7 +68,16 @@ class HeadKind:
     """Per-example loss [B]."""
     raise NotImplementedError
 
-  def eval_outputs(self, logits) -> dict:
+  def example_weights(self, batch, per_example):
+    """Each example's weight in the batch's mean loss, like `per_example` (this kind's
+    `loss`): 1 per real example (`mask` where filler rows are present)."""
+    return batch['mask'] if 'mask' in batch else jnp.ones_like(per_example)
+
+  def model_inputs(self, batch) -> dict:
+    """Keyword arguments of `TaskModel` that come from the batch beyond the token arrays."""
+    return {}
+
+  def eval_outputs(self, logits, batch) -> dict:
     """What the jitted eval step returns for a batch (host-side rows per example)."""
     raise NotImplementedError
 
@@ -110,7 +122,7 @@ class Classification(HeadKind):
   def loss(self, logits, batch):
     return optax.softmax_cross_entropy_with_integer_labels(logits, batch['labels'])
 
-  def eval_outputs(self, logits):
+  def eval_outputs(self, logits, batch):
     return {'predictions': jnp.argmax(logits, -1), 'logits': logits}
 
 
@@ -125,7 +137,7 @@ class Regression(HeadKind):
   def loss(self, logits, batch):
     return jnp.square(logits[:, 0] - batch['labels'])
 
-  def eval_outputs(self, logits):
+  def eval_outputs(self, logits, batch):
     return {'predictions': logits[:, 0]}
 
   def prediction(self, value, label_names):
@@ -164,7 +176,7 @@ class Span(HeadKind):
         optax.softmax_cross_entropy_with_integer_labels(start_logits, batch['start_positions']) +
         optax.softmax_cross_entropy_with_integer_labels(end_logits, batch['end_positions']))
 
-  def eval_outputs(self, logits):
+  def eval_outputs(self, logits, batch):
     return {'start_logits': logits[..., 0], 'end_logits': logits[..., 1]}
 
   def stack_labels(self, labels: dict) -> np.ndarray:
@@ -189,7 +201,70 @@ class Span(HeadKind):
     return squad_task.score(split, outputs, config)
 
 
-HEADS = {kind.name: kind for kind in (Classification(), Regression(), Span())}
+class MaskedLM(HeadKind):
+  """Masked language modelling: logits over the vocabulary at the masked positions.
+
+  The batch (data/mlm.py, BERT's recipe) names P prediction slots per row: `mlm_positions`
+  (token positions), `mlm_ids` (the original tokens) and `mlm_weights` (1 for a real slot);
+  the model gathers those positions before its head, so the vocabulary projection costs P
+  rows, not T. The batch loss is the mean over masked tokens (each example weighs its
+  number of them), and evaluation sums the cross-entropy and counts tokens per example so
+  that perplexity = exp(total / tokens) over the whole split, not a mean of batch exps.
+  """
+
+  name = 'mlm'
+  label_keys = ()
+  per_token = True
+  vocabulary = True
+  not_servable = ('a masked-LM (language) adapter predicts no task labels: stack it below a '
+                  'task adapter (model.stack.below) and predict with that one; its perplexity '
+                  'is in its run\'s metrics.jsonl')
+
+  def num_outputs(self, label_names) -> int:
+    return 0  # the vocabulary: ModelConfig.vocab_size
+
+  def init_params(self, key, hidden: int, num_outputs: int) -> dict:
+    raise NotImplementedError('the LM head comes from mlm_head.load_or_init')
+
+  def _nll(self, logits_BxPxV, batch):
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits_BxPxV, batch['mlm_ids'])
+    return nll * batch['mlm_weights'], batch['mlm_weights']
+
+  def loss(self, logits, batch):
+    nll, weights = self._nll(logits, batch)
+    return jnp.sum(nll, -1) / jnp.maximum(jnp.sum(weights, -1), 1.0)
+
+  def example_weights(self, batch, per_example):
+    return jnp.sum(batch['mlm_weights'], -1) * super().example_weights(batch, per_example)
+
+  def model_inputs(self, batch) -> dict:
+    return {'positions_BxP': batch['mlm_positions']}
+
+  def eval_outputs(self, logits, batch):
+    nll, weights = self._nll(logits, batch)
+    hits = (jnp.argmax(logits, -1) == batch['mlm_ids']) * weights
+    return {'nll': jnp.sum(nll, -1), 'tokens': jnp.sum(weights, -1), 'hits': jnp.sum(hits, -1)}
+
+  def prediction(self, value, label_names):
+    return float(value)  # the example's mean masked-token cross-entropy
+
+  def output_fields(self, logits_row, label_names) -> dict:
+    raise UsageError(self.not_servable)
+
+  def constant_warning(self, split: str, predictions, label_names) -> str | None:
+    return None
+
+  def score(self, split, outputs: dict, data, config):
+    """Per-example mean cross-entropy; perplexity, loss and accuracy over masked tokens."""
+    nll, tokens = np.asarray(outputs['nll'], np.float64), np.asarray(outputs['tokens'])
+    total = max(float(tokens.sum()), 1.0)
+    loss = float(nll.sum()) / total
+    return nll / np.maximum(tokens, 1.0), {
+        'perplexity': float(np.exp(loss)), 'loss': loss,
+        'accuracy': float(np.sum(outputs['hits'])) / total}
+
+
+HEADS = {kind.name: kind for kind in (Classification(), Regression(), Span(), MaskedLM())}
 HEAD_KINDS = tuple(HEADS)
 
 
@@ -200,7 +275,8 @@ def head_kind(name: str) -> HeadKind:
 
 
 class TaskModel(nn.Module):
-  """Returns logits [B, num_outputs] (one vector per example) or [B, T, 2] (span)."""
+  """Returns logits [B, num_outputs] (one vector per example), [B, T, 2] (span) or [B, P, V]
+  over the vocabulary (mlm, at `positions_BxP`)."""
 
   config: ModelConfig
   adapter: Optional[object]  # a peft method config (bottleneck.AdapterConfig)
@@ -213,11 +289,23 @@ class TaskModel(nn.Module):
 
   @nn.compact
   def __call__(self, input_ids_BxT, attention_mask_BxT, token_type_ids_BxT=None,
-               deterministic: bool = True, segments=None):
-    """`segments`: packed rows (`Encoder`); the logits are then one row per example [E, n]."""
-    enc = Encoder(self.config, self.adapter, self.dtype, self.remat, self.scan,
-                  name='encoder')(input_ids_BxT, attention_mask_BxT, token_type_ids_BxT,
-                                  deterministic, segments)
+               deterministic: bool = True, segments=None, positions_BxP=None):
+    """`segments`: packed rows (`Encoder`); the logits are then one row per example [E, n].
+    `positions_BxP` (vocabulary heads): the LM head reads only these positions ([B, P, V]
+    logits; all [B, T, V] without)."""
+    encoder = Encoder(self.config, self.adapter, self.dtype, self.remat, self.scan,
+                      name='encoder')
+    enc = encoder(input_ids_BxT, attention_mask_BxT, token_type_ids_BxT, deterministic, segments)
+    if head_kind(self.head).vocabulary:
+      from adapter_tuning.models.mlm_head import MLMHead
+      if segments is not None:
+        raise UsageError(f'data.packing is for heads with one output per example, not '
+                         f'{self.head}; set data.packing=false')
+      x = enc['last_hidden_state']
+      if positions_BxP is not None:
+        x = jnp.take_along_axis(x, positions_BxP[..., None], axis=1)
+      words = encoder.variables['params']['embeddings']['word_embeddings']['embedding']
+      return MLMHead(self.config, name='head')(x, words)  # the decoder is tied: E^T
     if head_kind(self.head).per_token:
       if segments is not None:
         raise UsageError(f'data.packing is for heads with one output per example, not '

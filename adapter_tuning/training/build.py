@@ -68,9 +68,12 @@ def build(config, workdir: pathlib.Path, with_train: bool = True, mesh=None) -> 
   data = load_task_data(config, pre.tokenizer, with_train=with_train)
   hidden = pre.config.hidden_size
   kind = head_kind(data.head)
-  head = kind.init_params(jax.random.PRNGKey(config.seed + 1), hidden, data.num_outputs)
-  params = {'encoder': pre.params, 'head': head}
   rules = trainable_lib.resolve(config.trainable, pre.config.num_layers)
+  if kind.vocabulary:
+    head, rules = _lm_head(config, pre, data, rules)
+  else:
+    head = kind.init_params(jax.random.PRNGKey(config.seed + 1), hidden, data.num_outputs)
+  params = {'encoder': pre.params, 'head': head}
   model = TaskModel(pre.config, adapter, data.head, data.num_outputs, dtype=dtype,
                     remat=config.model.remat, scan=config.model.scan_layers,
                     pooling=config.model.head.pooling)
@@ -78,6 +81,20 @@ def build(config, workdir: pathlib.Path, with_train: bool = True, mesh=None) -> 
   if kind.standardized_targets and config.model.head.standardize_targets and with_train:
     scale = TargetScale.from_labels(data.train.labels['labels'])
   return Setup(model, params, rules, pre, data, adapter, scale)
+
+
+def _lm_head(config, pre, data, rules):
+  """The family's masked-LM head, loaded or initialised (`mlm_head.load_or_init`), and the
+  rules with a loaded head frozen under the PEFT presets (`trainable.with_pretrained_head`);
+  the run log says which, once (`data.report`)."""
+  from adapter_tuning.models import mlm_head
+  head, source = mlm_head.load_or_init(pre.directory, pre.config, config.seed + 1)
+  if source.loaded:
+    rules = trainable_lib.with_pretrained_head(config.trainable, rules)
+  trains = trainable_lib.decide(rules, 'head/bias')
+  data.report['mlm head'] = f'{source.note()}; {"trains" if trains else "frozen"} under ' \
+                            f'trainable={config.trainable!r}'
+  return head, rules
 
 
 def load_sharded(path, adapter, dtype, trainable, mesh):

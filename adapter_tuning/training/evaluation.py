@@ -41,8 +41,9 @@ class Results:
       fileio.write_atomic(workdir / f'predictions_{split}.jsonl', ''.join(rows))
 
 
-def run_split(eval_step, params, split, batch_size, boundaries, shard, pad_id=0):
-  """Runs eval_step over a split; returns {output name: [N, ...] host arrays} in split order."""
+def run_split(eval_step, params, split, batch_size, boundaries, shard, pad_id=0, masking=None):
+  """Runs eval_step over a split; returns {output name: [N, ...] host arrays} in split order.
+  `masking` (data.task=mlm, data/mlm.Masking): each batch gets the split's fixed masks."""
   labels = np.zeros(len(split), np.int32)
   outputs: dict[str, list] = {}
   indices = []
@@ -56,6 +57,8 @@ def run_split(eval_step, params, split, batch_size, boundaries, shard, pad_id=0)
   for batch in source:
     index, mask = batch.pop('index'), batch.pop('mask')
     batch.pop('labels')
+    if masking is not None:
+      batch = masking.evaluate(batch, index)
     local = {k: v[mine] for k, v in batch.items()}
     out = parallel.to_host(eval_step(params, parallel.to_global(local, shard)))
     real = mask > 0
@@ -77,7 +80,7 @@ def evaluate_all(eval_step, params, data, config, boundaries: dict, shard, pad_i
   metrics, predictions, warnings = {}, {}, []
   for i, (name, split) in enumerate(data.evals.items()):
     out = run_split(eval_step, params, split, config.eval_batch_size, boundaries[name], shard,
-                    pad_id)
+                    pad_id, data.masking)
     prefix = 'eval/' if i == 0 else f'eval/{name}/'
     predictions[name], scores = kind.score(split, out, data, config)
     warning = kind.constant_warning(name, predictions[name], data.label_names)

@@ -1,7 +1,8 @@
 """Model selection during a run: the best-on-validation artifact and early stopping.
 
 With `eval_every_steps` set, every evaluation scores the task's main metric (the first of
-its metric names: accuracy, pearson, matthews_corr, ...; higher is better for all of them).
+its metric names: accuracy, pearson, matthews_corr, ... are maximised; masked-LM perplexity
+and losses are minimised, `metrics.lower_is_better`).
 A new best writes `adapter_best/` beside the last-step `adapter/`, so a fair comparison can
 take each method at its best step, as the paper's model selection does; with
 `early_stopping_patience = N`, N evaluations in a row without a new best end training (a
@@ -13,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+
+from adapter_tuning.data.metrics import lower_is_better
 
 BEST_DIR = 'adapter_best'
 
@@ -31,7 +34,8 @@ class BestTracker:
     if not isinstance(value, (int, float)) or not math.isfinite(value):
       self.bad_evals += 1
       return False
-    if self.score is None or value > self.score:
+    minimise = lower_is_better(self.metric)
+    if self.score is None or (value < self.score if minimise else value > self.score):
       self.score, self.step, self.bad_evals = float(value), step, 0
       return True
     self.bad_evals += 1

@@ -18,9 +18,11 @@ from adapter_tuning.training import trainable as trainable_lib
 
 
 def task_loss(head: str, logits, batch):
-  """Mean loss over the real examples of a batch (weights = batch['mask'] when present)."""
-  per_example = head_kind(head).loss(logits, batch)
-  weights = batch.get('mask', jnp.ones_like(per_example))
+  """Mean loss over the real examples of a batch (weights: the head kind's
+  `example_weights`, batch['mask'] when present)."""
+  kind = head_kind(head)
+  per_example = kind.loss(logits, batch)
+  weights = kind.example_weights(batch, per_example)  # MLM: its number of masked tokens
   return jnp.sum(per_example * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
@@ -36,10 +38,13 @@ def make_train_step(model, tx, head: str):
   `finite = 0`; the loop stops the run there, keeping the last good checkpoint.
   """
 
+  kind = head_kind(head)
+
   def loss_fn(params, frozen, batch, rng):
     logits = model.apply({'params': trainable_lib.merge(params, frozen)}, batch['input_ids'],
                          batch['attention_mask'], batch['token_type_ids'], deterministic=False,
-                         rngs={'dropout': rng}, segments=packing.segments_of(batch))
+                         rngs={'dropout': rng}, segments=packing.segments_of(batch),
+                         **kind.model_inputs(batch))
     return task_loss(head, logits, batch)
 
   def train_step(state, frozen, batch):
@@ -65,7 +70,7 @@ def make_eval_step(model, head: str):
   def eval_step(params, batch):
     logits = model.apply({'params': params}, batch['input_ids'], batch['attention_mask'],
                          batch['token_type_ids'], deterministic=True,
-                         segments=packing.segments_of(batch))
-    return kind.eval_outputs(logits)
+                         segments=packing.segments_of(batch), **kind.model_inputs(batch))
+    return kind.eval_outputs(logits, batch)
 
   return eval_step

@@ -54,6 +54,27 @@ def top_k(k: int, num_layers: int) -> Rules:
   return tuple(rules)
 
 
+# Presets that adapt a frozen base with a few new parameters: a head the base was pretrained
+# with (the masked-LM head) belongs to that base under them.
+PEFT_PRESETS = ('adapters', 'peft', 'bitfit')
+
+
+def with_pretrained_head(spec, rules: Rules) -> Rules:
+  """`rules` with the head frozen first, under the PEFT presets, for a head loaded from the
+  checkpoint (the masked-LM head of a `*ForMaskedLM` save).
+
+  MAD-X trains language adapters with the pretrained LM head frozen: the head already maps
+  the base's last hidden states to tokens, and the adapter is meant to move those states
+  towards the new language or domain, not to re-fit the head (a re-fitted head would be lost
+  when the adapter is stacked under a task head). A head the checkpoint lacks (e.g.
+  sentence-transformers saves) is new and random, so it must train: then the rules are left
+  as they are (every preset's `^head/` rule trains it). `full`, `head`, `top:K` and explicit
+  rules decide for themselves."""
+  if isinstance(spec, str) and spec in PEFT_PRESETS:
+    return (('^head/', 'freeze'),) + tuple(rules)
+  return tuple(rules)
+
+
 def resolve(spec, num_layers: int) -> Rules:
   """'adapters' | 'peft' | 'bitfit' | 'full' | 'head' | 'top:K' | a list of (regex, mode).
 

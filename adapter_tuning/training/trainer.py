@@ -25,7 +25,7 @@ import numpy as np
 
 from adapter_tuning import fileio, peft
 from adapter_tuning.config import validate
-from adapter_tuning.data import batching, packing
+from adapter_tuning.data import batching, mlm, packing
 from adapter_tuning.errors import RunFailure, UsageError
 from adapter_tuning.interop import artifact
 from adapter_tuning.models.heads import head_kind
@@ -127,8 +127,18 @@ class Run:
           train.input_ids, train.token_type_ids, self.plan['train_labels'], c.batch_size,
           seed=c.seed, epoch=epoch, boundaries=layout, process_index=jax.process_index(),
           process_count=jax.process_count(), start_batch=start_batch, pad_id=pad_id)
+    masking = self.setup.data.masking  # data.task=mlm: BERT's masks, by (seed, epoch, example)
     for local in source:
+      if masking is not None:
+        local = masking.train(local, c.seed, epoch)
       yield parallel.to_global(kind.unstack_labels(local), parallel.batch_sharded(self.mesh))
+
+  def at_length(self, batch, length: int, rows: int | None = None):
+    """The abstract `batch` padded to `length` (`precompile.with_length`), with an MLM
+    batch's prediction slots sized for that length."""
+    spec = precompile.with_length(batch, length, rows)
+    masking = self.setup.data.masking
+    return spec if masking is None else masking.spec(spec, length)
 
   def compile_ahead(self, state, batch, epoch: int, start_batch: int):
     """Starts compiling every train and eval batch shape of the run (precompile.py)."""
@@ -141,13 +151,13 @@ class Run:
     for length in batching.train_lengths(data.train.input_ids, c.batch_size, seed=c.seed,
                                          epoch=epoch, boundaries=self.plan['train_bounds'],
                                          start_batch=start_batch):
-      self.train_step.prepare(state_spec, frozen_spec, precompile.with_length(batch, length))
-    inputs = {k: batch[k] for k in ('input_ids', 'attention_mask', 'token_type_ids')}
+      self.train_step.prepare(state_spec, frozen_spec, self.at_length(batch, length))
+    inputs = {k: batch[k] for k in ('input_ids', 'attention_mask', 'token_type_ids')
+              + mlm.SLOT_KEYS if k in batch}
     for name, split in data.evals.items():
       for length in batching.eval_lengths(split.input_ids, c.eval_batch_size,
                                           self.plan['eval_bounds'][name]):
-        self.eval_step.prepare(params_spec,
-                               precompile.with_length(inputs, length, c.eval_batch_size))
+        self.eval_step.prepare(params_spec, self.at_length(inputs, length, c.eval_batch_size))
 
   def _compile_packed(self, state_spec, frozen_spec, params_spec, batch, epoch, start_batch):
     """`compile_ahead` for packed batches: one shape per row count in use."""

@@ -68,6 +68,23 @@ class AdapterHubModules:
 
 
 @dataclasses.dataclass(frozen=True)
+class MLMHeadNames:
+  """Where a family's `*ForMaskedLM` save keeps its LM head, as state-dict names without the
+  model prefix: transform `dense` (Linear d -> embedding width), activation, `layer_norm`, then
+  the decoder, whose weight is tied to the word embeddings (so it is read from the encoder, never
+  stored twice) and whose bias is `bias` (HF ties `decoder.bias` to it: a save may keep either
+  name, hence several). A family may have several layouts (DeBERTa-v2's legacy `cls.*` and
+  `lm_predictions.*`); the first whose dense weight a checkpoint holds is loaded.
+  """
+
+  dense: str  # module name: '{dense}.weight', '{dense}.bias'
+  layer_norm: str  # module name: '{layer_norm}.weight', '{layer_norm}.bias'
+  bias: tuple[str, ...]  # tensor names of the output bias, any one of them
+  activation: str = ''  # ACTIVATIONS name after `dense`; '' = config.json's hidden_act
+  mask_token: str = '[MASK]'  # the tokenizer's mask token (RoBERTa's is '<mask>')
+
+
+@dataclasses.dataclass(frozen=True)
 class Family:
   """One encoder family, as the rest of the code sees it."""
 
@@ -91,6 +108,8 @@ class Family:
   layer: Callable | None = None  # nn.Module class with TransformerLayer's fields and call:
   # the family's own layer (ModernBERT's pre-LN layer); None: encoder.TransformerLayer
   adapterhub_modules: AdapterHubModules | None = None  # set with adapterhub_model_class
+  mlm_heads: tuple[MLMHeadNames, ...] = ()  # its masked-LM head layouts (data.task=mlm);
+  # () = masked-LM training is refused for the family
 
 
 def model_types() -> str:

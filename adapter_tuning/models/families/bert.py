@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from adapter_tuning.errors import UsageError
 from adapter_tuning.models.activations import ACTIVATIONS
 from adapter_tuning.models.encoder import ModelConfig
-from adapter_tuning.models.families import AdapterHubModules, Family
+from adapter_tuning.models.families import AdapterHubModules, Family, MLMHeadNames
 
 
 def activation(hf: dict, key: str, source) -> str:
@@ -108,9 +108,14 @@ ADAPTERHUB = AdapterHubModules(
            'output': 'output.dense'},
     prefix_pool='attention.self.prefix_tuning')
 
+# BertForMaskedLM: cls.predictions.transform.{dense, hidden_act, LayerNorm}, decoder + bias.
+MLM_HEAD = MLMHeadNames(dense='cls.predictions.transform.dense',
+                        layer_norm='cls.predictions.transform.LayerNorm',
+                        bias=('cls.predictions.bias', 'cls.predictions.decoder.bias'))
+
 FAMILY = Family(name='bert', read_config=read_config, checkpoint_key=checkpoint_key,
                 key_prefixes=('bert.',), position_ids=position_ids,
                 position_offset=lambda config: 0, special_tokens=('[CLS]', '[SEP]'),
                 build_pair=build_pair, num_special_tokens_pair=3,
                 adapterhub_model_class='BertAdapterModel', adapterhub_modules=ADAPTERHUB,
-                sequence_classifier=sequence_classifier)
+                sequence_classifier=sequence_classifier, mlm_heads=(MLM_HEAD,))

@@ -29,7 +29,7 @@ import dataclasses
 from adapter_tuning.errors import UsageError
 from adapter_tuning.models import deberta_attention
 from adapter_tuning.models.encoder import ModelConfig
-from adapter_tuning.models.families import Attention, Family, bert
+from adapter_tuning.models.families import Attention, Family, MLMHeadNames, bert
 
 _PROJECTIONS = {'query': 'query_proj', 'key': 'key_proj', 'value': 'value_proj',
                 'pos_query': 'pos_query_proj', 'pos_key': 'pos_key_proj'}
@@ -138,4 +138,10 @@ FAMILY = Family(name='deberta-v2', read_config=read_config, checkpoint_key=check
                 adapterhub_model_class='DebertaV2AdapterModel', adapterhub_modules=ADAPTERHUB,
                 sequence_classifier=sequence_classifier, pooler_act='gelu',
                 attention=Attention(shared=deberta_attention.RelativeEmbeddings,
-                                    layer=deberta_attention.DisentangledSelfAttention))
+                                    layer=deberta_attention.DisentangledSelfAttention),
+                # DebertaV2ForMaskedLM: `legacy` (the default) keeps BERT's cls.predictions.*,
+                # otherwise lm_predictions.lm_head.{dense, LayerNorm, bias}; hidden_act both
+                mlm_heads=(bert.MLM_HEAD, MLMHeadNames(
+                    dense='lm_predictions.lm_head.dense',
+                    layer_norm='lm_predictions.lm_head.LayerNorm',
+                    bias=('lm_predictions.lm_head.bias',))))

@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from adapter_tuning.models.encoder import ModelConfig
-from adapter_tuning.models.families import AdapterHubModules, Family, bert
+from adapter_tuning.models.families import AdapterHubModules, Family, MLMHeadNames, bert
 
 _ATTENTION = {'query': 'q_lin', 'key': 'k_lin', 'value': 'v_lin', 'out': 'out_lin'}
 _LAYER_MODULES = {
@@ -118,4 +118,8 @@ FAMILY = Family(name='distilbert', read_config=read_config, checkpoint_key=check
                 build_pair=bert.build_pair, num_special_tokens_pair=3,
                 adapterhub_model_class='DistilBertAdapterModel', adapterhub_modules=ADAPTERHUB,
                 sequence_classifier=sequence_classifier, pooler_act='relu',
-                missing_tensor=missing_tensor)
+                missing_tensor=missing_tensor,
+                # DistilBertForMaskedLM: vocab_transform, `activation`, vocab_layer_norm
+                # (eps 1e-12), vocab_projector (weight tied, its bias ours)
+                mlm_heads=(MLMHeadNames(dense='vocab_transform', layer_norm='vocab_layer_norm',
+                                        bias=('vocab_projector.bias',)),))

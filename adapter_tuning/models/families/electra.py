@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 
 from adapter_tuning.models.encoder import ModelConfig
-from adapter_tuning.models.families import Family, bert
+from adapter_tuning.models.families import Family, MLMHeadNames, bert
 
 
 def read_config(hf: dict, source) -> ModelConfig:
@@ -51,4 +51,9 @@ FAMILY = Family(name='electra', read_config=read_config, checkpoint_key=checkpoi
                 adapterhub_model_class='ElectraAdapterModel',
                 # ElectraAdapterModel hands its heads no pooled output (no pooler in HF's model)
                 adapterhub_modules=dataclasses.replace(bert.ADAPTERHUB, pooled_output=False),
-                sequence_classifier=sequence_classifier, pooler_act='gelu')
+                sequence_classifier=sequence_classifier, pooler_act='gelu',
+                # ElectraForMaskedLM (the generator): generator_predictions.{dense (d -> the
+                # embedding width), exact GELU, LayerNorm}, generator_lm_head (tied, + bias)
+                mlm_heads=(MLMHeadNames(dense='generator_predictions.dense',
+                                        layer_norm='generator_predictions.LayerNorm',
+                                        bias=('generator_lm_head.bias',), activation='gelu'),))

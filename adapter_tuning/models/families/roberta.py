@@ -12,7 +12,7 @@ import functools
 import jax.numpy as jnp
 
 from adapter_tuning.models.encoder import ModelConfig
-from adapter_tuning.models.families import Family, bert
+from adapter_tuning.models.families import Family, MLMHeadNames, bert
 
 
 def position_ids(input_ids_BxT, config: ModelConfig):
@@ -36,6 +36,12 @@ def sequence_classifier(pooler: dict, head: dict):
   }, False
 
 
+# RobertaLMHead: dense, exact GELU whatever hidden_act says, layer_norm, decoder + bias
+# (XLM-R and XLM-R-XL keep these names).
+MLM_HEAD = MLMHeadNames(dense='lm_head.dense', layer_norm='lm_head.layer_norm',
+                        bias=('lm_head.bias', 'lm_head.decoder.bias'), activation='gelu',
+                        mask_token='<mask>')
+
 FAMILY = Family(name='roberta',
                 read_config=functools.partial(bert.read_config, model_type='roberta',
                                               default_pad=1),
@@ -44,4 +50,5 @@ FAMILY = Family(name='roberta',
                 position_offset=lambda config: config.pad_token_id + 1,
                 special_tokens=('<s>', '</s>'), build_pair=build_pair,
                 num_special_tokens_pair=4, adapterhub_model_class='RobertaAdapterModel',
-                adapterhub_modules=bert.ADAPTERHUB, sequence_classifier=sequence_classifier)
+                adapterhub_modules=bert.ADAPTERHUB, sequence_classifier=sequence_classifier,
+                mlm_heads=(MLM_HEAD,))
