@@ -17,11 +17,15 @@ comment says otherwise:
   ia3       IA3Config: key, value and the FFN's first projection
   prefix    PrefixTuningConfig: 30 positions, reparametrisation MLP width 512
   mam       MAMConfig: PrefixTuningConfig(bottleneck_size=800) + ParBnConfig()
+  fusion    AdapterFusion over two houlsby adapters (the entry above, frozen), AdapterHub's
+            DynamicAdapterFusionConfig: Q, K, V per sub-layer, score dropout 0.1 (BERT's
+            attention dropout), V regularised towards the identity (0.01)
   bitfit    every bias (LayerNorm biases too) and the head
   full      every parameter
 
 What trains: the method's parameters and the head, LayerNorms frozen (AdapterHub's
-`train_adapter`, our `peft` preset); bitfit and full as named.
+`train_adapter`, our `peft` preset; fusion: the fusion layers and the head,
+`train_adapter_fusion`); bitfit and full as named.
 """
 
 from __future__ import annotations
@@ -50,6 +54,10 @@ METHODS: dict[str, dict] = {
     'prefix': {'trainable': 'peft', 'prefix': {'length': 30, 'bottleneck': 512}},
     'mam': {'trainable': 'peft', 'prefix': {'length': 30, 'bottleneck': 800},
             'adapter': dict(PARALLEL)},
+    'fusion': {'trainable': 'peft',
+               'fusion': {'count': 2, 'dropout': 0.1, 'regularization': 0.01,
+                          'adapter': {'size': HOULSBY_SIZE, 'placement': 'houlsby',
+                                      'activation': 'gelu'}}},
     'bitfit': {'trainable': 'bitfit'},
     'full': {'trainable': 'full'},
 }

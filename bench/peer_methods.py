@@ -8,7 +8,8 @@ One method per process (so `peak_rss_mb`, the process's peak RSS, is that method
 JSON line on stdout with the fields `bench/train_step.py --method` prints. The method's
 hyperparameters come from `bench/method_specs.py`, the table ours reads too, translated to
 AdapterHub's configs (DoubleSeqBnConfig, SeqBnConfig, ParBnConfig, LoRAConfig, IA3Config,
-PrefixTuningConfig, MAMConfig). What trains: `train_adapter(name)` (the method's parameters
+PrefixTuningConfig, MAMConfig; fusion: `Fuse` over frozen bottleneck adapters with
+DynamicAdapterFusionConfig, `train_adapter_fusion`). What trains: `train_adapter(name)` (the method's parameters
 and the head; the base, LayerNorms and pooler frozen); bitfit: every parameter named
 `*bias` and the head; full: everything. The head is one linear layer on the [CLS] state
 (`add_classification_head(layers=1, use_pooler=False)`), as in
@@ -143,7 +144,9 @@ def adapterhub_config(spec: dict, hidden: int):
 
 def set_trainable(model, spec: dict, config) -> None:
   """AdapterHub's own recipe per method (see the module docstring); training mode on."""
-  if config is not None:
+  if 'fusion' in spec:
+    _fuse(model, spec['fusion'])
+  elif config is not None:
     model.add_adapter(NAME, config=config)
     model.train_adapter(NAME)  # freezes the base, unfreezes the adapter; the head trains
     for n, p in model.named_parameters():  # a plugin-interface model's own head (ModernBERT)
@@ -158,6 +161,27 @@ def set_trainable(model, spec: dict, config) -> None:
   else:
     raise SystemExit(f'bench: no peer recipe for trainable={spec["trainable"]!r}')
   model.train()
+
+
+def _fuse(model, fusion: dict) -> None:
+  """spec['count'] bottleneck adapters (random N(0, 0.02) weights, frozen) under
+  `Fuse(...)` with DynamicAdapterFusionConfig; `train_adapter_fusion` trains the fusion
+  layers (the head trains too)."""
+  import adapters
+  import torch
+  from adapters.composition import Fuse
+
+  names = [f'{NAME}{k}' for k in range(fusion['count'])]
+  for name in names:
+    model.add_adapter(name, config=bottleneck_config(fusion['adapter'], model.config.hidden_size))
+  with torch.no_grad():
+    for n, p in model.named_parameters():
+      if 'adapters.' in n and 'adapter_fusion' not in n and n.endswith('weight'):
+        p.normal_(0.0, 0.02)
+  setup = Fuse(*names)
+  model.add_adapter_fusion(setup, adapters.DynamicAdapterFusionConfig(
+      dropout_prob=fusion['dropout']))
+  model.train_adapter_fusion(setup)
 
 
 def random_batches(args, vocab: int):
@@ -206,7 +230,7 @@ def main(argv=None):
   torch.set_num_threads(args.threads)
   spec = method_specs.METHODS[args.method]
   model = build_model(args)
-  config = adapterhub_config(spec, model.config.hidden_size)
+  config = None if 'fusion' in spec else adapterhub_config(spec, model.config.hidden_size)
   set_trainable(model, spec, config)
   counts = {'trainable': sum(p.numel() for p in model.parameters() if p.requires_grad),
             'total': sum(p.numel() for p in model.parameters())}

@@ -111,7 +111,10 @@ def adapter_and_rules(args, config):
   if args.method:
     spec = method_specs.METHODS[args.method]
     args.trainable = spec['trainable']
-    return method_config(spec, config.hidden_size), tl.resolve(args.trainable, config.num_layers)
+    rules = tl.resolve(args.trainable, config.num_layers)
+    if 'fusion' in spec:
+      return fusion_config(spec['fusion'], config), rules
+    return method_config(spec, config.hidden_size), rules
   adapter = None
   layers = parse_layers(args.adapter_layers) if args.adapter_layers else None
   if args.trainable in ('adapters', 'peft') and args.placement != 'none':
@@ -124,6 +127,43 @@ def adapter_and_rules(args, config):
     rules = ((rf'^encoder/layer_({pattern})/.*(_adapter|layer_norm)/', 'train'),
              (r'^head/', 'train'), (r'.*', 'freeze'))
   return adapter, rules
+
+
+def fusion_config(spec: dict, config):
+  """AdapterFusion over spec['count'] random bottleneck adapters. A fusion reads its adapters
+  from artifacts (by path and content hash), so they are written to a temporary folder first;
+  their weights are random (N(0, 0.02)): speed does not depend on them."""
+  import atexit
+  import dataclasses
+  import shutil
+  import tempfile
+
+  import numpy as np
+
+  from adapter_tuning.interop import artifact
+  from adapter_tuning.peft.bottleneck import AdapterConfig
+  from adapter_tuning.peft.fusion import FusionConfig
+
+  adapter = AdapterConfig(**spec['adapter'], init_scale=0.0)
+  root = pathlib.Path(tempfile.mkdtemp(prefix='bench_fusion_'))
+  atexit.register(shutil.rmtree, root, ignore_errors=True)
+  members = []
+  for k in range(spec['count']):
+    rng = np.random.default_rng(k)
+    d, m = config.hidden_size, adapter.size
+    bottleneck = lambda: {'down': {'kernel': rng.normal(0, 0.02, (d, m)), 'bias': np.zeros(m)},
+                          'up': {'kernel': rng.normal(0, 0.02, (m, d)), 'bias': np.zeros(d)}}
+    encoder = {f'layer_{i}': {f'{site}_adapter': bottleneck() for site in adapter.sites(i)}
+               for i in range(config.num_layers)}
+    meta = {'task': f'bench{k}', 'head': 'classification', 'num_outputs': 2,
+            'label_names': ['0', '1'], 'base': {}, 'trainable_rules': [],
+            'peft': {'bottleneck': dataclasses.asdict(adapter)}}
+    artifact.save(root / f'bench{k}', {'encoder': encoder}, meta)
+    members.append({'name': f'bench{k}', 'path': str(root / f'bench{k}'),
+                    'sha256': artifact.content_hash(root / f'bench{k}'),
+                    'adapter': dataclasses.asdict(adapter)})
+  return FusionConfig(tuple(members), dropout=spec['dropout'],
+                      regularization=spec['regularization'])
 
 
 def parse_layers(text: str) -> tuple[int, ...]:
