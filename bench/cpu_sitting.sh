@@ -13,6 +13,8 @@ MINILM=../shared/models/all-MiniLM-L6-v2
 WORK=$(mktemp -d)
 
 sst2_job() {  # $1 = label, rest = extra config overrides; one JSON line
+  # CACHE='' (cold: nothing reused) or a folder (warm: `train`'s persistent compilation
+  # cache, as every run after the first of a sweep or a re-run finds it)
   local label=$1 start end
   shift
   rm -rf "$WORK/run"
@@ -21,7 +23,7 @@ sst2_job() {  # $1 = label, rest = extra config overrides; one JSON line
     --config.model.checkpoint=$MINILM --config.data.source=glue_dir \
     --config.data.data_dir=../shared/data/glue --config.data.max_train_examples=4096 \
     --config.num_epochs=1 --config.learning_rate=1e-3 --config.eval_batch_size=64 \
-    --config.progress_bar=false --compilation_cache= "$@" > "$WORK/log" 2>&1
+    --config.progress_bar=false --compilation_cache="${CACHE:-}" "$@" > "$WORK/log" 2>&1
   end=$(date +%s.%N)
   python3 - "$WORK/run/metrics.jsonl" "$start" "$end" "$label" "$WORK/log" <<'PY'
 import json, re, sys
@@ -46,6 +48,8 @@ for round in $(seq "$ROUNDS"); do
   $PEER --task sst2 --mode adapter
   sst2_job buckets
   sst2_job packing --config.data.packing=true
+  rm -rf "$WORK/cache"; CACHE="$WORK/cache" sst2_job fill_cache --config.data.packing=true >/dev/null
+  CACHE="$WORK/cache" sst2_job packing_warm_cache --config.data.packing=true
   [ "$round" = 1 ] && sst2_job packing_bf16 --config.data.packing=true --config.model.dtype=bfloat16
 done
 .venv/bin/python bench/profile_step.py --model $MINILM --batch_size 32 --seq_len 128 --warmup 0 --steps 1

@@ -148,7 +148,7 @@ def _fusion_state(fuse, flat: dict, config, fusion_name: str) -> dict:
   uses get the untrained values (never read there)."""
   family = family_named(config.family)
   modules, prefix, d = family.adapterhub_modules, family.key_prefixes[0], config.hidden_size
-  sites = [s for s in fusion.SITES if all(m.adapter.has_adapter_anywhere(s) for m in fuse.adapters)]
+  sites = [s for s in peft.SUBLAYER_SITES if all(m.adapter.has_adapter_anywhere(s) for m in fuse.adapters)]
   state = {}
   for layer in range(config.num_layers):
     for site in sites:
@@ -263,7 +263,7 @@ def _fusion_params(fuse, state: dict, config, fusion_name: str) -> dict:
   leaves = {key: (module, leaf) for module, leaf, key in _PROJ}
   params = {}
   for key, value in state.items():
-    parsed = modules.parse(key, fusion.SITES, 'adapter_fusion_layer', fusion_name)
+    parsed = modules.parse(key, peft.SUBLAYER_SITES, 'adapter_fusion_layer', fusion_name)
     if not parsed or parsed[2] not in leaves:
       raise UsageError(f'AdapterFusion weight {key} has no place here (fusion {fusion_name!r})')
     layer, site, leaf = parsed

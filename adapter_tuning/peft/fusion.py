@@ -43,12 +43,10 @@ import numpy as np
 from adapter_tuning.errors import UsageError
 from adapter_tuning.models.activations import ACTIVATIONS
 from adapter_tuning.models.dropout import Dropout
-from adapter_tuning.peft import Method, MethodConfig, from_fields
+from adapter_tuning.peft import SUBLAYER_SITES, Method, from_fields
 from adapter_tuning.peft import references
-from adapter_tuning.peft.references import AdapterRef
 
 PARAM_MARKER = '_fusion'
-SITES = ('attention', 'ffn')
 FROZEN = PARAM_MARKER + r'/fused_'  # the fused adapters' params: loaded, never trained
 VALUE_OFF_DIAGONAL = 1e-6  # AdapterHub's value_initialized: identity, 1e-6 elsewhere
 QK_INIT_STD = 0.02  # AdapterHub's init_bert_weights for query and key
@@ -57,7 +55,7 @@ BORROWER = references.Borrower('fused adapter', 'the fusion')
 
 
 @dataclasses.dataclass(frozen=True)
-class FusionConfig(MethodConfig):
+class FusionConfig(references.Borrowing):
   """The fused adapters and the fusion layer's training options.
 
   Attributes:
@@ -93,14 +91,11 @@ class FusionConfig(MethodConfig):
       raise UsageError(f'adapters {parallel} are parallel adapters; AdapterFusion fuses '
                        'sequential bottleneck adapters (houlsby, pfeiffer)')
 
-  def members(self, layer: int, site: str) -> tuple[AdapterRef, ...]:
-    return tuple(a for a in self.adapters if a.adapter.has_adapter(layer, site))
-
-  def sites(self, layer: int) -> tuple[str, ...]:
-    return tuple(site for site in SITES if self.members(layer, site))
+  def borrowed(self) -> tuple:
+    return self.adapters
 
   def hook(self, layer: int, site: str, dtype):
-    members = self.members(layer, site) if site in SITES else ()
+    members = self.members(layer, site)
     if not members:
       return None
     geometry = tuple((a.submodule(SUBMODULE), a.adapter.size, a.adapter.activation,
@@ -113,7 +108,7 @@ class FusionConfig(MethodConfig):
     from their artifacts (checked against their hashes); 'use_*' off (serving)."""
     for site in self.sites(layer):
       module = layer_params[f'{site}{PARAM_MARKER}']
-      rng = np.random.default_rng((self.seed, 2 * layer + SITES.index(site), 0xF05E))
+      rng = np.random.default_rng((self.seed, 2 * layer + SUBLAYER_SITES.index(site), 0xF05E))
       for proj in ('query', 'key'):
         module[proj]['kernel'][...] = QK_INIT_STD * rng.standard_normal(
             module[proj]['kernel'].shape)

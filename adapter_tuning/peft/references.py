@@ -23,6 +23,7 @@ import re
 import numpy as np
 
 from adapter_tuning.errors import UsageError
+from adapter_tuning.peft import SUBLAYER_SITES, MethodConfig
 from adapter_tuning.peft.bottleneck import AdapterConfig
 from adapter_tuning.peft.bottleneck import PARAM_MARKER as ADAPTER_MARKER
 
@@ -46,6 +47,24 @@ class AdapterRef:
 
   def __repr__(self) -> str:
     return f'{self.name}@{self.sha256[:8]}'
+
+
+class Borrowing(MethodConfig):
+  """A method config that runs borrowed adapters at the sub-layer sites (fusion, stacking):
+  where they sit follows from `borrowed()`, each adapter's own placement and layers."""
+
+  def borrowed(self) -> tuple:
+    """The `AdapterRef`s this config runs."""
+    raise NotImplementedError
+
+  def members(self, layer: int, site: str) -> tuple:
+    """The borrowed adapters that sit at (layer, site)."""
+    if site not in SUBLAYER_SITES:
+      return ()
+    return tuple(r for r in self.borrowed() if r.adapter.has_adapter(layer, site))
+
+  def sites(self, layer: int) -> tuple[str, ...]:
+    return tuple(site for site in SUBLAYER_SITES if self.members(layer, site))
 
 
 def as_refs(refs) -> tuple:

@@ -40,12 +40,10 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from adapter_tuning.errors import UsageError
-from adapter_tuning.peft import Method, MethodConfig, from_fields, references
+from adapter_tuning.peft import Method, from_fields, references
 from adapter_tuning.peft.bottleneck import Adapter
-from adapter_tuning.peft.references import AdapterRef
 
 PARAM_MARKER = '_stack'
-SITES = ('attention', 'ffn')
 SUBMODULE = 'below'  # the frozen adapter's submodule at each site: 'below_<hash>'
 FROZEN = PARAM_MARKER + r'/' + SUBMODULE + '_'  # loaded, never trained
 BORROWER = references.Borrower('stacked adapter', 'the stack')
@@ -54,7 +52,7 @@ REFUSAL = ('model.stack.below must be a bottleneck-adapter artifact (model.adapt
 
 
 @dataclasses.dataclass(frozen=True)
-class StackConfig(MethodConfig):
+class StackConfig(references.Borrowing):
   """The frozen adapter(s) below the run's own.
 
   Attributes:
@@ -80,14 +78,11 @@ class StackConfig(MethodConfig):
                        f'input, not the output of what runs before it, so nothing stacks on '
                        f'it; {REFUSAL}')
 
-  def members(self, layer: int, site: str) -> tuple[AdapterRef, ...]:
-    return tuple(r for r in self.below if r.adapter.has_adapter(layer, site))
-
-  def sites(self, layer: int) -> tuple[str, ...]:
-    return tuple(site for site in SITES if self.members(layer, site))
+  def borrowed(self) -> tuple:
+    return self.below
 
   def hook(self, layer: int, site: str, dtype):
-    members = self.members(layer, site) if site in SITES else ()
+    members = self.members(layer, site)
     if not members:
       return None
     geometry = tuple((r.submodule(SUBMODULE), r.adapter.size, r.adapter.activation,
