@@ -14,8 +14,11 @@ script fails if a byte or a logit of an earlier artifact changed. Steps:
   3. AdapterFusion of the SST-2 (seed 0) and CoLA adapters, trained on MRPC
      (`trainable=peft`: the fusion layers and the head, as AdapterHub's train_adapter_fusion)
   4. the average of the two SST-2 adapters (`compose average`, weights 0.5, 0.5)
-  5. the SST-2 (seed 0), CoLA and MRPC-fusion artifacts served in one mixed-task model
-     (one artifact per task): each task's dev logits equal that artifact's alone
+  5. MAD-X: a masked-LM language/domain adapter on SST-2's training sentences (Pfeiffer,
+     m = 192; MiniLM has no MLM head, so a new one trains with it), then an SST-2 task
+     adapter stacked on it (`model.stack.below`, `trainable=peft`)
+  6. the CoLA, MRPC-fusion and SST-2-stack artifacts served in one mixed-task model (one
+     artifact per task): each task's dev logits equal that artifact's alone
 
 Writes DIR/sequential.json (every score, hash and logit difference) and prints the markdown
 table docs/sequential_tasks_minilm.md holds. Skips training runs whose artifact exists.
@@ -37,25 +40,45 @@ sys.path.insert(0, str(ROOT))
 SHARED = ROOT.parent / 'shared'
 CHECKPOINT = SHARED / 'models' / 'all-MiniLM-L6-v2'
 GLUE = SHARED / 'data' / 'glue'
-COMMON = [f'--config.model.checkpoint={CHECKPOINT}', '--config.data.source=glue_dir',
-          f'--config.data.data_dir={GLUE}', '--config.data.max_seq_length=128',
-          '--config.model.head.pooling=mean', '--config.progress_bar=false',
-          '--config.log_every_steps=100']
-# (name, config, steps, extra flags): the runs of steps 1-3.
+BASE = [f'--config.model.checkpoint={CHECKPOINT}', '--config.data.max_seq_length=128',
+        '--config.progress_bar=false', '--config.log_every_steps=100']
+GLUE_FLAGS = ['--config.data.source=glue_dir', f'--config.data.data_dir={GLUE}',
+              '--config.model.head.pooling=mean']
+SST2_TEXT = [f'--config.data.train_file={GLUE / "SST-2" / "train.tsv"}',
+             f'--config.data.eval_file={GLUE / "SST-2" / "dev.tsv"}',
+             '--config.data.text_key=sentence']
+
+
+def below(name):
+  return lambda out: [f'--config.model.stack.below={out / name / "adapter"}']
+
+
+def fused(*names):
+  return lambda out: ['--config.model.fusion.adapters=' +
+                      ','.join(str(out / n / 'adapter') for n in names)]
+
+
+# (name, task, config, steps, flags, flags naming earlier artifacts): the training runs.
 RUNS = (
-    ('sst2_s0', 'glue_sst2', 600, ['--config.learning_rate=1e-3', '--config.seed=0']),
-    ('sst2_s1', 'glue_sst2', 600, ['--config.learning_rate=1e-3', '--config.seed=1']),
-    ('cola', 'glue_cola', 800, ['--config.learning_rate=1e-3']),
-    ('mrpc_fusion', 'glue_mrpc', 400, ['--config.learning_rate=5e-4', '--config.trainable=peft',
-                                       '--config.model.adapter.placement=none']),
+    ('sst2_s0', 'glue/sst2', 'glue_sst2', 600, ['--config.learning_rate=1e-3'], None),
+    ('sst2_s1', 'glue/sst2', 'glue_sst2', 600,
+     ['--config.learning_rate=1e-3', '--config.seed=1'], None),
+    ('cola', 'glue/cola', 'glue_cola', 800, ['--config.learning_rate=1e-3'], None),
+    ('mrpc_fusion', 'glue/mrpc', 'glue_mrpc', 400,
+     ['--config.learning_rate=5e-4', '--config.trainable=peft',
+      '--config.model.adapter.placement=none'], fused('sst2_s0', 'cola')),
+    ('sst2_lm', 'mlm', 'mlm_text', 400,
+     [*SST2_TEXT, '--config.learning_rate=1e-3', '--config.model.adapter.size=192',
+      '--config.eval_every_steps=0'], None),
+    ('sst2_on_lm', 'glue/sst2', 'glue_sst2', 600,
+     ['--config.learning_rate=1e-3', '--config.trainable=peft'], below('sst2_lm')),
 )
-TASKS = {'sst2_s0': 'glue/sst2', 'sst2_s1': 'glue/sst2', 'cola': 'glue/cola',
-         'mrpc_fusion': 'glue/mrpc', 'sst2_avg': 'glue/sst2'}
 
 
 def run(cmd: list[str], log: list) -> float:
   """Runs one command from the repo root, echoing it; its wall seconds."""
-  shown = ' '.join(str(c) for c in cmd).replace(str(ROOT) + '/', '')
+  shown = ' '.join(str(c) for c in cmd).replace(str(ROOT) + '/', '').replace(
+      str(SHARED), '../shared')
   print(f'$ {shown}', flush=True)
   t0 = time.perf_counter()
   subprocess.run([str(c) for c in cmd], cwd=ROOT, check=True)
@@ -63,14 +86,12 @@ def run(cmd: list[str], log: list) -> float:
   return log[-1]['wall_s']
 
 
-def train(out: pathlib.Path, name: str, config: str, steps: int, extra: list, log: list):
-  adapter = out / name / 'adapter'
-  if adapter.exists():
+def train(out: pathlib.Path, name: str, task: str, config: str, steps: int, flags: list,
+          earlier, log: list):
+  if (out / name / 'adapter').exists():
     return
-  flags = [*COMMON, f'--config.num_train_steps={steps}', *extra]
-  if name == 'mrpc_fusion':
-    flags.append(f'--config.model.fusion.adapters={out / "sst2_s0" / "adapter"},'
-                 f'{out / "cola" / "adapter"}')
+  flags = [*BASE, *([] if task == 'mlm' else GLUE_FLAGS), f'--config.num_train_steps={steps}',
+           *flags, *(earlier(out) if earlier else [])]
   run([sys.executable, '-m', 'adapter_tuning.train', '--config', f'configs/{config}.py',
        '--workdir', out / name, *flags], log)
 
@@ -111,22 +132,32 @@ def score(directories: list[pathlib.Path]) -> dict:
 
 
 def check_unchanged(out: pathlib.Path, record: dict, stage: str):
-  """Scores every artifact so far alone; earlier ones must match their first record exactly."""
+  """Scores every artifact so far alone; earlier ones must match their first record exactly.
+  A masked-LM artifact has no labels to predict: its bytes are compared, and its held-out
+  perplexity is the one its run measured (metrics.jsonl)."""
   import numpy as np
 
-  for name in list(record):
+  for name, r in record.items():
     directory = out / name / 'adapter'
-    (found, logits), = score([directory]).values()
-    first = record[name]
-    first.setdefault('first', {'sha256': sha256(directory), 'dev': found, 'logits': logits})
-    drift = float(np.abs(logits - first['first']['logits']).max())
-    same_bytes = sha256(directory) == first['first']['sha256']
-    first.setdefault('after', []).append({'stage': stage, 'dev': found, 'max_logit_change': drift,
-                                          'same_bytes': same_bytes})
+    if r['task'] == 'mlm':
+      found, logits = last_eval(out / name), None
+    else:
+      (found, logits), = score([directory]).values()
+    r.setdefault('first', {'sha256': sha256(directory), 'dev': found, 'logits': logits})
+    drift = 0.0 if logits is None else float(np.abs(logits - r['first']['logits']).max())
+    same_bytes = sha256(directory) == r['first']['sha256']
+    r.setdefault('after', []).append({'stage': stage, 'dev': found, 'max_logit_change': drift,
+                                      'same_bytes': same_bytes})
     print(f'  {name:12s} dev {fmt(found)}  bytes unchanged: {same_bytes}  '
           f'max |logit change|: {drift:.1e}', flush=True)
     if drift != 0.0 or not same_bytes:
       raise SystemExit(f'{name} changed after {stage}: that must never happen')
+
+
+def last_eval(workdir: pathlib.Path) -> dict:
+  lines = [json.loads(x) for x in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  evals = [x for x in lines if 'eval/perplexity' in x]
+  return {k.split('/', 1)[1]: v for k, v in evals[-1].items() if k.startswith('eval/')}
 
 
 def fmt(found: dict) -> str:
@@ -152,26 +183,31 @@ def main(argv=None):
   out.mkdir(parents=True, exist_ok=True)
   log: list = []
   record: dict = {}
-  for name, config, steps, extra in RUNS:
+  for i, (name, task, config, steps, flags, earlier) in enumerate(RUNS):
     print(f'== {name}', flush=True)
-    train(out, name, config, max(1, int(steps * args.steps_scale)), extra, log)
-    record[name] = {'task': TASKS[name]}
+    train(out, name, task, config, max(1, int(steps * args.steps_scale)), flags, earlier, log)
+    record[name] = {'task': task}
     check_unchanged(out, record, f'after {name}')
-  print('== sst2_avg', flush=True)
+    if name == 'mrpc_fusion':  # step 4, before MAD-X
+      average(out, log)
+      record['sst2_avg'] = {'task': 'glue/sst2'}
+      check_unchanged(out, record, 'after sst2_avg')
+  served = ('cola', 'mrpc_fusion', 'sst2_on_lm')
+  mixed = mixed_pass(out, {k: record[k] for k in served})
+  print(f'== one mixed-task model of {", ".join(served)}: max |logit - alone| {mixed:.1e}',
+        flush=True)
+  for r in record.values():
+    r['first'].pop('logits')  # arrays: the JSON keeps the scores and the checks
+  (out / 'sequential.json').write_text(json.dumps({'runs': record, 'commands': log,
+                                                   'mixed_max_logit_diff': mixed}, indent=1))
+  print(table(record))
+
+
+def average(out: pathlib.Path, log: list):
   if not (out / 'sst2_avg' / 'adapter').exists():
     run([sys.executable, '-m', 'adapter_tuning.compose', 'average', '--adapter',
          f'{out / "sst2_s0" / "adapter"},{out / "sst2_s1" / "adapter"}', '--weights', '0.5,0.5',
          '--output', out / 'sst2_avg' / 'adapter'], log)
-  record['sst2_avg'] = {'task': 'glue/sst2'}
-  check_unchanged(out, record, 'after sst2_avg')
-  mixed = mixed_pass(out, {k: record[k] for k in ('sst2_s0', 'cola', 'mrpc_fusion')})
-  print(f'== one mixed-task model of sst2_s0, cola, mrpc_fusion: max |logit - alone| '
-        f'{mixed:.1e}', flush=True)
-  for r in record.values():
-    r['first'].pop('logits')
-  (out / 'sequential.json').write_text(json.dumps({'runs': record, 'commands': log,
-                                                   'mixed_max_logit_diff': mixed}, indent=1))
-  print(table(record))
 
 
 def table(record: dict) -> str:
