@@ -107,3 +107,42 @@ def merged_classifier(pretrained, config, base_dir, out, num_labels: int, **hf_k
   merged = transformers.AutoModelForSequenceClassification.from_pretrained(out, **hf_kwargs)
   encoder = tu.unflatten_dict({**flat, **tu.flatten_dict(trained['encoder'])})
   return encoder, trained['head'], merged.eval()
+
+
+# Demo runs that several test files compare against. Each is trained once per session by a
+# fixture in conftest.py (`demo_reference_run`, `demo_checkpointed_run`); tests copy the
+# folder before they run anything in it, so the shared run is never changed.
+DEMO_REFERENCE = ('--config', 'configs/demo.py', '--config.num_train_steps=8',
+                  '--config.batch_size=16', '--config.log_every_steps=1',
+                  '--config.data.max_train_examples=256', '--config.checkpoint_every_steps=4',
+                  '--config.progress_bar=false')
+DEMO_CHECKPOINTED = ('--config', 'configs/demo.py', '--config.num_train_steps=24',
+                     '--config.checkpoint_every_steps=6', '--config.log_every_steps=3',
+                     '--config.data.max_train_examples=256')
+
+
+def copy_run(workdir, to):
+  """A copy of a finished run's folder, to resume, damage or rerun without touching it."""
+  import shutil
+  shutil.copytree(workdir, to)
+  return pathlib.Path(to)
+
+
+def run_main(main, argv) -> subprocess.CompletedProcess:
+  """An entry point's `main(argv)` in this process, without a new interpreter (imports and
+  compiles shared with the tests): its exit code, stdout and stderr as a CompletedProcess.
+  For tests about what the command does; those about the process itself (signals, exit
+  of the interpreter, multi-process) run it with subprocess."""
+  import contextlib
+  import io
+  out, err = io.StringIO(), io.StringIO()
+  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    code = main(list(argv))
+  return subprocess.CompletedProcess(list(argv), code, out.getvalue(), err.getvalue())
+
+
+def predict_main(*args) -> subprocess.CompletedProcess:
+  """`python -m adapter_tuning.predict ARGS`, in this process (run_main)."""
+  from adapter_tuning import predict
+  predict.FLAGS.unparse_flags()  # absl's global flags: each call starts from the defaults
+  return run_main(predict.main, ['predict', *map(str, args)])

@@ -2,7 +2,7 @@
 
 import pytest
 
-from helpers import run_train
+from helpers import DEMO_CHECKPOINTED, copy_run, run_train
 
 DEMO = ('--config', 'configs/demo.py')
 SST2 = ('--config', 'configs/glue_sst2.py', '--config.data.source=glue_dir')
@@ -63,22 +63,20 @@ def test_batch_not_divisible_by_devices(tmp_path):
          'not divisible by the 8 devices')
 
 
-def test_workdir_with_a_different_run_is_refused_and_kept(tmp_path):
-  workdir = tmp_path / 'w'
-  ok = run_train(*DEMO, '--workdir', workdir, '--config.num_train_steps=5')
-  assert ok.returncode == 0, ok.stderr[-2000:]
+def test_workdir_with_a_different_run_is_refused_and_kept(demo_checkpointed_run, tmp_path):
+  workdir = copy_run(demo_checkpointed_run, tmp_path / 'w')  # a finished 24-step run
   before = sorted(p.name for p in (workdir / 'checkpoints').iterdir())
   config_before = (workdir / 'config.json').read_text()
-  _fails(run_train(*DEMO, '--workdir', workdir, '--config.num_train_steps=7'), 2,
+  _fails(run_train(*DEMO_CHECKPOINTED, '--workdir', workdir, '--config.num_train_steps=7'), 2,
          'different config', 'num_train_steps', '--overwrite')
   assert sorted(p.name for p in (workdir / 'checkpoints').iterdir()) == before
   assert (workdir / 'config.json').read_text() == config_before
 
 
-def test_overwrite_starts_the_run_over(tmp_path):
-  workdir = tmp_path / 'w'
-  assert run_train(*DEMO, '--workdir', workdir, '--config.num_train_steps=5').returncode == 0
-  again = run_train(*DEMO, '--workdir', workdir, '--config.num_train_steps=7', '--overwrite')
+def test_overwrite_starts_the_run_over(demo_checkpointed_run, tmp_path):
+  workdir = copy_run(demo_checkpointed_run, tmp_path / 'w')  # a finished 24-step run
+  again = run_train(*DEMO_CHECKPOINTED, '--workdir', workdir, '--config.num_train_steps=7',
+                    '--overwrite')
   assert again.returncode == 0, again.stderr[-2000:]
   assert 'resumed' not in again.stdout
   assert '"num_train_steps": 7' in (workdir / 'config.json').read_text()

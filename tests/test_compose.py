@@ -23,7 +23,7 @@ from adapter_tuning.serving.multi_adapter import MultiTaskModel
 from adapter_tuning.training import trainable as tl
 from adapter_tuning.training.trainer import train_and_evaluate
 from conftest import GLUE_DIR
-from helpers import ROOT, tiny_config
+from helpers import ROOT, predict_main, tiny_config
 
 ROWS = [{'text': t} for t in ('a fine film', 'dull and tedious', 'ok', 'not good at all')]
 
@@ -119,9 +119,8 @@ def test_predict_serves_the_averaged_artifact(runs, tmp_path):
   assert done.returncode == 0, done.stderr[-2000:]
   rows = tmp_path / 'rows.jsonl'
   rows.write_text(''.join(json.dumps(r) + '\n' for r in ROWS))
-  done = subprocess.run([sys.executable, '-m', 'adapter_tuning.predict', '--adapter', str(out),
-                         '--input', str(rows), '--output', str(tmp_path / 'p.jsonl')],
-                        cwd=ROOT, capture_output=True, text=True, timeout=300)
+  # predict's command line in this process (test_predict.py runs the real one)
+  done = predict_main('--adapter', out, '--input', rows, '--output', tmp_path / 'p.jsonl')
   assert done.returncode == 0, done.stderr[-2000:]
   cli_logits = [json.loads(line)['logits']
                 for line in (tmp_path / 'p.jsonl').read_text().splitlines()]

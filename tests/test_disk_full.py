@@ -16,11 +16,9 @@ from safetensors.numpy import load_file
 from adapter_tuning import fileio
 from adapter_tuning.errors import RunFailure
 from adapter_tuning.interop import artifact
-from helpers import ROOT, _env, final_eval, run_train
+from helpers import DEMO_CHECKPOINTED, ROOT, _env, final_eval, run_train
 
-ARGS = ('--config', 'configs/demo.py', '--config.num_train_steps=24',
-        '--config.checkpoint_every_steps=6', '--config.log_every_steps=3',
-        '--config.data.max_train_examples=256')
+ARGS = DEMO_CHECKPOINTED  # the config of conftest's demo_checkpointed_run
 
 DRIVER = '''
 import errno, sys
@@ -50,12 +48,10 @@ def _train_with_full_disk(target, n, workdir):
                         timeout=600)
 
 
-@pytest.fixture(scope='module')
-def clean(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp('clean')
-  result = run_train(*ARGS, '--workdir', workdir)
-  assert result.returncode == 0, result.stderr[-2000:]
-  return workdir
+@pytest.fixture
+def clean(demo_checkpointed_run):
+  """The same run, never interrupted (shared with other files; only read here)."""
+  return demo_checkpointed_run
 
 
 def _same_weights(a, b):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from helpers import ROOT, run_train
+from helpers import ROOT, predict_main, run_main, run_train
 
 DEMO = ('--config', 'configs/demo.py', '--config.num_train_steps=4',
         '--config.data.max_train_examples=64')
@@ -22,10 +22,11 @@ ENV = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'ADAPTER_TUNING_NO_REEXEC': '1'}
 
 
 @pytest.fixture(scope='module')
-def trained(tmp_path_factory):
+def trained(demo_reference_run, tmp_path_factory):
+  """A demo run's adapter/ (a copy of conftest's shared run; its base stays where the run
+  made it) beside rows.jsonl to predict on."""
   workdir = tmp_path_factory.mktemp('demo')
-  result = run_train(*DEMO, '--workdir', workdir)
-  assert result.returncode == 0, result.stderr[-3000:]
+  shutil.copytree(demo_reference_run / 'adapter', workdir / 'adapter')
   rows = workdir / 'rows.jsonl'
   rows.write_text(''.join(json.dumps(r) + '\n' for r in ROWS))
   return workdir
@@ -110,12 +111,21 @@ CASES = {
 }
 
 
+# One case runs `python -m adapter_tuning.predict` in a subprocess, the others its main() in
+# this process (helpers.run_main): the same code and messages, without a new interpreter each.
+SUBPROCESS_CASE = 'a NaN'
+
+
 @pytest.mark.parametrize('case', sorted(CASES))
 def test_damaged_artifact_is_one_line_exit_2_and_writes_nothing(trained, tmp_path, case):
   damage, message = CASES[case]
   adapter = _damaged(trained, tmp_path, damage)
   out = tmp_path / 'predictions.jsonl'
-  result = _predict(adapter, trained / 'rows.jsonl', out)
+  if case == SUBPROCESS_CASE:
+    result = _predict(adapter, trained / 'rows.jsonl', out)
+  else:
+    result = predict_main('--adapter', adapter, '--input', trained / 'rows.jsonl', '--output',
+                          out)
   assert result.returncode == 2, result.stderr[-2000:]
   lines = result.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith('error: '), result.stderr
@@ -134,7 +144,10 @@ def test_base_moved_is_fixed_by_passing_base(trained, tmp_path):
   adapter = _damaged(trained, tmp_path, CASES['base moved'][0])
   base = json.loads((trained / 'adapter' / 'config.json').read_text())['base']['path']
   out = tmp_path / 'predictions.jsonl'
-  assert _predict(adapter, trained / 'rows.jsonl', out, '--base', base).returncode == 0
+  result = predict_main('--adapter', adapter, '--input', trained / 'rows.jsonl', '--output', out,
+                        '--base', base)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert len(out.read_text().splitlines()) == len(ROWS)
 
 
 def _export(args):
@@ -154,19 +167,37 @@ AH_CASES = {
 }
 
 
-@pytest.mark.parametrize('case', sorted(AH_CASES))
-def test_damaged_adapterhub_folder_is_one_line_exit_2(trained, tmp_path, case):
-  base = json.loads((trained / 'adapter' / 'config.json').read_text())['base']['path']
-  ah = tmp_path / 'ah'
-  result = _export(['--adapter', trained / 'adapter', '--format', 'adapterhub', '--output', ah])
-  assert result.returncode == 0, result.stderr[-2000:]
+@pytest.fixture(scope='module')
+def adapterhub_export(trained, tmp_path_factory):
+  """The trained artifact exported to an AdapterHub folder (safetensors only), once."""
+  from adapter_tuning import export
+  ah = tmp_path_factory.mktemp('ah') / 'ah'
+  assert export.main(['export', '--adapter', str(trained / 'adapter'), '--format',
+                      'adapterhub', '--output', str(ah)]) == 0
   for f in ah.glob('*.bin'):
     f.unlink()  # the safetensors files are what is damaged here
+  return ah
+
+
+AH_SUBPROCESS_CASE = 'truncated weights'  # through `python -m adapter_tuning.export`
+
+
+@pytest.mark.parametrize('case', sorted(AH_CASES))
+def test_damaged_adapterhub_folder_is_one_line_exit_2(trained, adapterhub_export, tmp_path,
+                                                      case):
+  from adapter_tuning import export
+  base = json.loads((trained / 'adapter' / 'config.json').read_text())['base']['path']
+  ah = tmp_path / 'ah'
+  shutil.copytree(adapterhub_export, ah)
   damage, message = AH_CASES[case]
   damage(ah)
   out = tmp_path / 'imported'
-  result = _export(['--adapter', ah, '--format', 'adapterhub', '--to_artifact', '--base', base,
-                    '--output', out])
+  args = ['--adapter', ah, '--format', 'adapterhub', '--to_artifact', '--base', base,
+          '--output', out]
+  if case == AH_SUBPROCESS_CASE:
+    result = _export(args)
+  else:
+    result = run_main(export.main, ['export', *map(str, args)])
   assert result.returncode == 2 and re.search(message, result.stderr), result.stderr[-2000:]
   assert len(result.stderr.strip().splitlines()) == 1 and not out.exists()
 

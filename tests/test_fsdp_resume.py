@@ -6,11 +6,9 @@ import shutil
 import numpy as np
 from safetensors.numpy import load_file
 
-from helpers import read_metrics, run_train
+from helpers import DEMO_REFERENCE, read_metrics, run_train
 
-ARGS = ('--config', 'configs/demo.py', '--config.num_train_steps=8', '--config.batch_size=16',
-        '--config.log_every_steps=1', '--config.data.max_train_examples=256',
-        '--config.checkpoint_every_steps=4', '--config.progress_bar=false')
+ARGS = DEMO_REFERENCE  # the config of conftest's demo_reference_run (log_every_steps=1)
 
 
 def _adapter(workdir) -> dict:
@@ -34,9 +32,8 @@ def _close(a: dict, b: dict, atol: float = 1e-5):
     np.testing.assert_allclose(a[k], b[k], atol=atol, rtol=0, err_msg=k)
 
 
-def test_fsdp_run_matches_and_resumes_under_another_mesh(tmp_path):
-  one, eight = tmp_path / 'one', tmp_path / 'eight'
-  _train(one, fsdp=1, devices=1)
+def test_fsdp_run_matches_and_resumes_under_another_mesh(tmp_path, demo_reference_run):
+  one, eight = demo_reference_run, tmp_path / 'eight'  # one: mesh.fsdp=1 on 1 device (read only)
   out = _train(eight, fsdp=8, devices=8)
   assert '8 cpu device(s)' in out.stdout
   _close(_adapter(one), _adapter(eight))

@@ -24,7 +24,7 @@ from adapter_tuning.predict import predict_rows
 from adapter_tuning.serving.multi_adapter import MultiTaskModel
 from adapter_tuning.training.trainer import train_and_evaluate
 from conftest import GLUE_DIR
-from helpers import ROOT, read_metrics, run_train, start_train, tiny_config
+from helpers import ROOT, predict_main, read_metrics, run_train, start_train, tiny_config
 
 TOL = 1e-4  # AdapterHub's logits vs ours
 ROWS = [{'text': f'the film {w}', 'text_pair': 'a great movie', 'task': 'glue/mrpc'}
@@ -52,15 +52,15 @@ def _rows(task):
 
 
 @pytest.fixture(scope='module')
-def runs(tmp_path_factory):
-  """sst2 (peft preset) and rte (adapters preset: its own LayerNorms, unused by a fusion)
-  adapters with weights large enough to matter, then a fusion of both on MRPC."""
+def runs(tmp_path_factory, sst2_peft_run):
+  """sst2 (conftest's sst2_peft_run: peft preset) and rte (adapters preset: its own
+  LayerNorms, unused by a fusion) adapters with weights large enough to matter, then a
+  fusion of both on MRPC."""
   root = tmp_path_factory.mktemp('fusion')
-  base = demo.ensure_checkpoint(root / 'base')
-  for name, rules in (('sst2', 'peft'), ('rte', 'adapters')):
-    train_and_evaluate(_config(base, f'glue/{name}', trainable=rules, learning_rate=1e-2,
-                               **{'model.adapter.init_scale': 0.3}), root / name)
-  adapters = [root / n / 'adapter' for n in ('sst2', 'rte')]
+  base, sst2 = sst2_peft_run
+  train_and_evaluate(_config(base, 'glue/rte', trainable='adapters', learning_rate=1e-2,
+                             **{'model.adapter.init_scale': 0.3}), root / 'rte')
+  adapters = [sst2, root / 'rte' / 'adapter']
   before = {d: (_digest(d), predict_rows(MultiTaskModel([d]), _rows(f'glue/{d.parent.name}'), 8,
                                          32)) for d in adapters}
   train_and_evaluate(_fusion_config(base, ','.join(map(str, adapters))), root / 'fusion')
@@ -109,10 +109,9 @@ def test_predict_serves_fusion_alone_and_in_mixed_batches(runs, tmp_path):
     assert got['task'] == want['task'] and got['label'] == want['label']
     np.testing.assert_allclose(got['logits'], want['logits'], atol=1e-6)
   (tmp_path / 'in.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in ROWS))
-  result = subprocess.run([sys.executable, '-m', 'adapter_tuning.predict',
-                           f'--adapter={runs["fusion"]}', f'--input={tmp_path / "in.jsonl"}',
-                           f'--output={tmp_path / "out.jsonl"}'],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+  # predict's command line (its main() in this process; test_predict.py runs the real one)
+  result = predict_main(f'--adapter={runs["fusion"]}', f'--input={tmp_path / "in.jsonl"}',
+                        f'--output={tmp_path / "out.jsonl"}')
   assert result.returncode == 0, result.stderr[-2000:]
   out = [json.loads(line) for line in (tmp_path / 'out.jsonl').read_text().splitlines()]
   for got, want in zip(out, alone):

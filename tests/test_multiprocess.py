@@ -6,11 +6,9 @@ import subprocess
 import numpy as np
 from safetensors.numpy import load_file
 
-from helpers import run_train, start_train
+from helpers import DEMO_REFERENCE, start_train
 
-ARGS = ('--config', 'configs/demo.py', '--config.num_train_steps=8', '--config.batch_size=16',
-        '--config.log_every_steps=2', '--config.data.max_train_examples=256',
-        '--config.checkpoint_every_steps=4')
+ARGS = DEMO_REFERENCE  # the config of conftest's demo_reference_run
 
 
 def _free_port() -> int:
@@ -19,9 +17,7 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_two_processes_match_one(tmp_path):
-  one = run_train(*ARGS, '--workdir', tmp_path / 'one')
-  assert one.returncode == 0, one.stderr[-3000:]
+def test_two_processes_match_one(tmp_path, demo_reference_run):
   port = _free_port()
   workdir = tmp_path / 'two'
   procs = [start_train(*ARGS, '--workdir', workdir, f'--coordinator_address=127.0.0.1:{port}',
@@ -42,7 +38,7 @@ def test_two_processes_match_one(tmp_path):
     assert p.returncode == 0, err[-3000:]
   assert '2 cpu device(s)' in outputs[0][0]
   assert 'eval at step' not in outputs[1][0] and 'parameters:' not in outputs[1][0]  # only 0 reports
-  a = load_file(str(tmp_path / 'one' / 'adapter' / 'weights.safetensors'))
+  a = load_file(str(demo_reference_run / 'adapter' / 'weights.safetensors'))
   b = load_file(str(workdir / 'adapter' / 'weights.safetensors'))
   assert a.keys() == b.keys()
   for k in a:

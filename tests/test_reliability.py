@@ -8,7 +8,8 @@ import time
 import numpy as np
 from safetensors.numpy import load_file
 
-from helpers import final_eval, read_metrics, run_train, start_train
+from helpers import (DEMO_CHECKPOINTED, copy_run, final_eval, read_metrics, run_train,
+                     start_train)
 
 ARGS = ('--config', 'configs/demo.py', '--config.num_train_steps=150',
         '--config.checkpoint_every_steps=6', '--config.log_every_steps=3',
@@ -84,31 +85,28 @@ def _corrupt(step_dir: pathlib.Path):
       f.write_bytes(b'\x00garbage')
 
 
-def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path):
-  args = ARGS[:2] + ('--config.num_train_steps=24', '--config.checkpoint_every_steps=6',
-                     '--config.keep_checkpoints=2', '--config.data.max_train_examples=512')
-  clean = tmp_path / 'clean'
-  assert run_train(*args, '--workdir', clean).returncode == 0
-  run = tmp_path / 'run'
-  assert run_train(*args, '--workdir', run).returncode == 0
+def test_corrupt_latest_checkpoint_falls_back_to_previous(demo_checkpointed_run, tmp_path):
+  """A finished run (keep_checkpoints=2) whose latest checkpoint is garbage: the rerun
+  resumes from the one before and ends where the uninterrupted run ended."""
+  clean = demo_checkpointed_run
+  run = copy_run(clean, tmp_path / 'run')
   steps = sorted(int(p.name) for p in (run / 'checkpoints').iterdir() if p.name.isdigit())
   assert steps == [18, 24]
   _corrupt(run / 'checkpoints' / '24')
-  again = run_train(*args, '--workdir', run)
+  again = run_train(*DEMO_CHECKPOINTED, '--config.keep_checkpoints=2', '--workdir', run)
   assert again.returncode == 0, again.stderr[-3000:]
   assert 'skipped unreadable checkpoint' in again.stdout + again.stderr
   assert 'resumed from the checkpoint at step 18' in again.stdout
   _assert_same_run(clean, run)
 
 
-def test_all_checkpoints_unreadable_is_an_error_not_a_fresh_start(tmp_path):
-  args = ARGS[:2] + ('--config.num_train_steps=12', '--config.checkpoint_every_steps=6')
-  run = tmp_path / 'run'
-  assert run_train(*args, '--workdir', run).returncode == 0
+def test_all_checkpoints_unreadable_is_an_error_not_a_fresh_start(demo_checkpointed_run,
+                                                                  tmp_path):
+  run = copy_run(demo_checkpointed_run, tmp_path / 'run')
   for d in (run / 'checkpoints').iterdir():
     if d.name.isdigit():
       _corrupt(d)
-  result = run_train(*args, '--workdir', run)
+  result = run_train(*DEMO_CHECKPOINTED, '--workdir', run)
   assert result.returncode == 1
   assert 'none can be read' in result.stderr.strip().splitlines()[-1]
   assert 'Traceback' not in result.stderr

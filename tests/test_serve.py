@@ -190,7 +190,7 @@ def _poster(url):
   return post
 
 
-def test_concurrent_clients_are_batched_and_finish_faster(server):
+def test_concurrent_clients_are_batched(server):
   """One server (--max_wait_ms 10, --max_batch_size 8) for both: one client's requests run
   alone, each after waiting out the batching window; eight clients' requests share batches."""
   rows = _rows(48, seed=1)
@@ -224,8 +224,7 @@ def test_concurrent_clients_are_batched_and_finish_faster(server):
         f'({one_by_one / concurrent:.1f}x), {batches:.0f} batches of {mean_batch:.1f} rows')
   _close(together, alone)  # batching changes no output
   assert after[0] - before[0] == len(rows)
-  assert mean_batch >= 2.0
-  assert one_by_one / concurrent >= 2.0
+  assert mean_batch >= 2.0  # batched; the speed-up itself is bench/serve.py's (no timed asserts)
 
 
 BAD_REQUESTS = [  # (method, path, body, status, message)

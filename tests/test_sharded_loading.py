@@ -11,7 +11,7 @@ import sys
 import numpy as np
 from safetensors.numpy import load_file
 
-from helpers import ROOT, _env, run_train, start_train
+from helpers import DEMO_REFERENCE, ROOT, _env, start_train
 
 SCRIPT = r'''
 import json, math, pathlib, sys
@@ -78,13 +78,10 @@ def test_each_process_reads_only_its_slices(minilm_dir):
     assert counts['bytes_read'] < 0.55 * counts['total'], counts  # ~half of the base
 
 
-ARGS = ('--config', 'configs/demo.py', '--config.num_train_steps=6', '--config.batch_size=16',
-        '--config.data.max_train_examples=256', '--config.progress_bar=false')
+ARGS = DEMO_REFERENCE  # the config of conftest's demo_reference_run
 
 
-def test_two_processes_on_an_fsdp_mesh_match_one_device(tmp_path):
-  one = run_train(*ARGS, '--workdir', tmp_path / 'one')
-  assert one.returncode == 0, one.stderr[-3000:]
+def test_two_processes_on_an_fsdp_mesh_match_one_device(tmp_path, demo_reference_run):
   port = _free_port()
   workdir = tmp_path / 'two'
   procs = [start_train(*ARGS, '--workdir', workdir, '--config.mesh.fsdp=4',
@@ -92,7 +89,7 @@ def test_two_processes_on_an_fsdp_mesh_match_one_device(tmp_path):
                        f'--process_id={i}', devices=2) for i in range(2)]
   outputs = _run_both(procs)
   assert '4 cpu device(s)' in outputs[0][0]
-  a = load_file(str(tmp_path / 'one' / 'adapter' / 'weights.safetensors'))
+  a = load_file(str(demo_reference_run / 'adapter' / 'weights.safetensors'))
   b = load_file(str(workdir / 'adapter' / 'weights.safetensors'))
   assert a.keys() == b.keys()
   for k in a:

@@ -8,8 +8,6 @@ import hashlib
 import json
 import pathlib
 import shutil
-import subprocess
-import sys
 
 import flax.traverse_util as tu
 import numpy as np
@@ -26,7 +24,7 @@ from adapter_tuning.predict import predict_rows
 from adapter_tuning.serving.multi_adapter import MultiTaskModel
 from adapter_tuning.training.trainer import train_and_evaluate
 from conftest import GLUE_DIR
-from helpers import ROOT, run_train, tiny_config
+from helpers import predict_main, run_train, tiny_config
 
 TOL = 1e-4  # AdapterHub's logits vs ours
 ROWS = [{'text': f'the film {w}', 'text_pair': 'a great movie', 'task': 'glue/mrpc'}
@@ -53,15 +51,13 @@ def _rows(task):
 
 
 @pytest.fixture(scope='module')
-def runs(tmp_path_factory):
-  """An SST-2 adapter (`peft` preset: no LayerNorms of its own, so a stack sees it exactly as
-  trained) with weights large enough to matter, then an MRPC adapter stacked on it
-  (`adapters` preset, tiny_config's default: the stack trains its own LayerNorms)."""
+def runs(tmp_path_factory, sst2_peft_run):
+  """An SST-2 adapter (conftest's sst2_peft_run: `peft` preset, no LayerNorms of its own, so
+  a stack sees it exactly as trained) with weights large enough to matter, then an MRPC
+  adapter stacked on it (`adapters` preset, tiny_config's default: the stack trains its own
+  LayerNorms)."""
   root = tmp_path_factory.mktemp('stack')
-  base = demo.ensure_checkpoint(root / 'base')
-  train_and_evaluate(_config(base, 'glue/sst2', trainable='peft', learning_rate=1e-2,
-                             **{'model.adapter.init_scale': 0.3}), root / 'sst2')
-  below = root / 'sst2' / 'adapter'
+  base, below = sst2_peft_run
   before = (_digest(below), predict_rows(MultiTaskModel([below]), _rows('glue/sst2'), 8, 32))
   train_and_evaluate(_stack_config(base, below), root / 'stack')
   return {'root': root, 'base': base, 'below': below, 'before': before,
@@ -136,10 +132,9 @@ def test_predict_serves_the_stack_alone_and_beside_the_adapter_below(runs, tmp_p
       assert got['task'] == want['task'] and got['label'] == want['label']
     assert diff <= 1e-5
   (tmp_path / 'in.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in ROWS))
-  result = subprocess.run([sys.executable, '-m', 'adapter_tuning.predict',
-                           f'--adapter={runs["stack"]}', f'--input={tmp_path / "in.jsonl"}',
-                           f'--output={tmp_path / "out.jsonl"}'],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+  # predict's command line (its main() in this process; test_predict.py runs the real one)
+  result = predict_main(f'--adapter={runs["stack"]}', f'--input={tmp_path / "in.jsonl"}',
+                        f'--output={tmp_path / "out.jsonl"}')
   assert result.returncode == 0, result.stderr[-2000:]
   out = [json.loads(line) for line in (tmp_path / 'out.jsonl').read_text().splitlines()]
   for got, want in zip(out, alone):
@@ -291,9 +286,8 @@ def test_changed_or_missing_adapter_below_is_refused_in_one_line(runs, tmp_path)
   with pytest.raises(UsageError, match='changed since the stack was trained'):
     MultiTaskModel([moved])
   (tmp_path / 'in.jsonl').write_text(json.dumps(ROWS[0]) + '\n')
-  result = subprocess.run([sys.executable, '-m', 'adapter_tuning.predict', f'--adapter={moved}',
-                           f'--input={tmp_path / "in.jsonl"}', f'--output={tmp_path / "o.jsonl"}'],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+  result = predict_main(f'--adapter={moved}', f'--input={tmp_path / "in.jsonl"}',
+                        f'--output={tmp_path / "o.jsonl"}')  # in this process: see above
   _one_line_error(result, 'changed since the stack was trained')
   shutil.rmtree(copy)
   with pytest.raises(UsageError, match="stacked adapter 'glue_sst2' .* is missing"):

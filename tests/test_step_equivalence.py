@@ -32,7 +32,17 @@ def setup(minilm_dir):
   return pre, params, batch
 
 
-def _run(pre, params, batch, rules, n=2, **model_kwargs):
+_RUNS = {}  # (rules, n, model options) -> _run's result, for the tests of this module
+
+
+def _run(pre, params, batch, rules, n=3, shared=True, **model_kwargs):
+  """(losses, params after n steps, the compiled step). The steps are deterministic (fixed
+  dropout key), so the tests here share each (rules, n, model options) run (3 steps by
+  default, so that every comparison below shares them); a run under a monkeypatch passes
+  shared=False."""
+  key = (repr(rules), n, tuple(sorted(model_kwargs.items())))
+  if shared and key in _RUNS:
+    return _RUNS[key]
   config = common.get_config()
   model = TaskModel(pre.config, pre.adapter, 'classification', 2, **model_kwargs)
   train_p, frozen_p = tl.split(params, rules)
@@ -43,8 +53,11 @@ def _run(pre, params, batch, rules, n=2, **model_kwargs):
   for _ in range(n):
     state, metrics = step(state, frozen_p, batch)
     losses.append(float(metrics['loss']))
-  return losses, jax.tree.map(np.asarray, state['params']), step.lower(
+  result = losses, jax.tree.map(np.asarray, state['params']), step.lower(
       state, frozen_p, batch).compile()
+  if shared:
+    _RUNS[key] = result
+  return result
 
 
 def _plain_attention(q, k, v, mask, drop_probs):
@@ -58,11 +71,11 @@ def test_fused_attention_and_gelu_match_the_plain_step(setup, monkeypatch):
   # Same dropout masks (same RNG stream, same shapes) in both runs: every difference would
   # come from the optimised formulations. Full fine-tuning differentiates all of them.
   for rules in (tl.resolve('adapters', 6), tl.resolve('full', 6)):
-    a_loss, a_params, _ = _run(*setup, rules, n=3)
+    a_loss, a_params, _ = _run(*setup, rules)
     with monkeypatch.context() as m:
       m.setattr(modeling, 'folded_attention', _plain_attention)
       m.setattr(activations, 'bias_gelu', lambda y, b: jax.nn.gelu(y + b, approximate=False))
-      b_loss, b_params, _ = _run(*setup, rules, n=3)
+      b_loss, b_params, _ = _run(*setup, rules, shared=False)
     np.testing.assert_allclose(a_loss, b_loss, rtol=1e-5)
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=2e-5), a_params, b_params)
 
@@ -100,9 +113,9 @@ def test_backward_pass_stops_at_the_lowest_trained_layer(setup):
   # Adapters and layer norms train only in layers 3-5: nothing below needs a cotangent,
   # and JAX's transpose computes none (no explicit stop-gradient required).
   pre, params, batch = setup
-  *_, top = _run(pre, params, batch, TOP, n=1)
-  *_, everywhere = _run(pre, params, batch, tl.resolve('adapters', 6), n=1)
-  *_, full = _run(pre, params, batch, tl.resolve('full', 6), n=1)
+  *_, top = _run(pre, params, batch, TOP)  # the compiled steps (of the runs above)
+  *_, everywhere = _run(pre, params, batch, tl.resolve('adapters', 6))
+  *_, full = _run(pre, params, batch, tl.resolve('full', 6))
   forward_flops = (_flops(full) / 3)  # full = forward + 2x backward
   # Layers 0-2 cost one forward only: ~ forward + half of (everywhere - forward).
   assert _flops(top) < 0.8 * _flops(everywhere)
@@ -117,7 +130,7 @@ def _flops(exe):
 
 def test_frozen_base_needs_no_weight_gradients(setup):
   pre, params, batch = setup
-  *_, adapters = _run(pre, params, batch, tl.resolve('adapters', 6), n=1)
-  *_, full = _run(pre, params, batch, tl.resolve('full', 6), n=1)
+  *_, adapters = _run(pre, params, batch, tl.resolve('adapters', 6))  # the compiled steps
+  *_, full = _run(pre, params, batch, tl.resolve('full', 6))
   ratio = _flops(adapters) / _flops(full)
   assert ratio < 0.75, ratio  # ~4N vs ~6N per token

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from helpers import final_eval, read_metrics, run_train, start_train, wait_for_step
+from helpers import (DEMO_REFERENCE, final_eval, read_metrics, run_train, start_train,
+                     wait_for_step)
 
 DEMO = ('--config', 'configs/demo.py')
 
@@ -103,20 +104,16 @@ def test_no_frozen_leaf_reaches_the_optimizer_or_the_gradient(minilm_dir):
   assert any(jax.tree.leaves(moved))
 
 
-def test_eight_devices_match_one_device(tmp_path):
-  args = (*DEMO, '--config.num_train_steps=6', '--config.log_every_steps=2',
-          '--config.batch_size=16', '--config.data.max_train_examples=256')
-  one = run_train(*args, '--workdir', tmp_path / 'one', devices=1)
-  assert one.returncode == 0, one.stderr[-3000:]
-  eight = run_train(*args, '--workdir', tmp_path / 'eight', devices=8)
+def test_eight_devices_match_one_device(tmp_path, demo_reference_run):
+  eight = run_train(*DEMO_REFERENCE, '--workdir', tmp_path / 'eight', devices=8)
   assert eight.returncode == 0, eight.stderr[-3000:]
   assert '8 cpu device(s)' in eight.stdout
-  a = load_file(str(tmp_path / 'one' / 'adapter' / 'weights.safetensors'))
+  a = load_file(str(demo_reference_run / 'adapter' / 'weights.safetensors'))
   b = load_file(str(tmp_path / 'eight' / 'adapter' / 'weights.safetensors'))
   assert a.keys() == b.keys()
   for k in a:
     np.testing.assert_allclose(a[k], b[k], atol=1e-5, rtol=0, err_msg=k)
-  la = [m['train/loss'] for m in read_metrics(tmp_path / 'one') if 'train/loss' in m]
+  la = [m['train/loss'] for m in read_metrics(demo_reference_run) if 'train/loss' in m]
   lb = [m['train/loss'] for m in read_metrics(tmp_path / 'eight') if 'train/loss' in m]
   np.testing.assert_allclose(la, lb, atol=1e-5)
 
