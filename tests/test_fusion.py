@@ -2,7 +2,6 @@
 tasks, then a fusion of them trained on a third, served, exported to AdapterHub's `Fuse` and
 back, resumed after SIGKILL; its adapters' files and predictions untouched throughout."""
 
-import hashlib
 import json
 import pathlib
 import shutil
@@ -24,31 +23,15 @@ from adapter_tuning.predict import predict_rows
 from adapter_tuning.serving.multi_adapter import MultiTaskModel
 from adapter_tuning.training.trainer import train_and_evaluate
 from conftest import GLUE_DIR
-from helpers import ROOT, predict_main, read_metrics, run_train, start_train, tiny_config
-
-TOL = 1e-4  # AdapterHub's logits vs ours
-ROWS = [{'text': f'the film {w}', 'text_pair': 'a great movie', 'task': 'glue/mrpc'}
-        for w in ('was dull', 'is great', 'an actor', 'long and bland', 'very good')]
-
-
-def _config(base, task, **overrides):
-  return tiny_config(base, task, **{
-      'data.source': 'glue_dir', 'data.data_dir': str(GLUE_DIR),
-      'data.max_train_examples': 128, 'data.max_eval_examples': 32, **overrides})
+from composition import (ROWS, TOL, check_predict_cli, digest, glue_config, padded_batch,
+                         rows_for)
+from helpers import ROOT, read_metrics, run_train, start_train
 
 
 def _fusion_config(base, adapters, **overrides):
-  return _config(base, 'glue/mrpc', **{
+  return glue_config(base, 'glue/mrpc', **{
       'model.adapter.placement': 'none', 'model.fusion.adapters': adapters,
       'num_train_steps': 8, 'learning_rate': 1e-2, **overrides})
-
-
-def _digest(directory):
-  return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(directory.iterdir())}
-
-
-def _rows(task):
-  return [dict(r, task=task) for r in ROWS]
 
 
 @pytest.fixture(scope='module')
@@ -58,10 +41,10 @@ def runs(tmp_path_factory, sst2_peft_run):
   fusion of both on MRPC."""
   root = tmp_path_factory.mktemp('fusion')
   base, sst2 = sst2_peft_run
-  train_and_evaluate(_config(base, 'glue/rte', trainable='adapters', learning_rate=1e-2,
+  train_and_evaluate(glue_config(base, 'glue/rte', trainable='adapters', learning_rate=1e-2,
                              **{'model.adapter.init_scale': 0.3}), root / 'rte')
   adapters = [sst2, root / 'rte' / 'adapter']
-  before = {d: (_digest(d), predict_rows(MultiTaskModel([d]), _rows(f'glue/{d.parent.name}'), 8,
+  before = {d: (digest(d), predict_rows(MultiTaskModel([d]), rows_for(f'glue/{d.parent.name}'), 8,
                                          32)) for d in adapters}
   train_and_evaluate(_fusion_config(base, ','.join(map(str, adapters))), root / 'fusion')
   return {'root': root, 'base': base, 'adapters': adapters, 'before': before,
@@ -94,39 +77,21 @@ def test_fusion_trains_only_fusion_layers_head_and_layer_norms(runs):
 
 
 def test_fused_adapters_files_and_predictions_untouched(runs):
-  for d, (digest, preds) in runs['before'].items():
-    assert _digest(d) == digest
-    assert predict_rows(MultiTaskModel([d]), _rows(f'glue/{d.parent.name}'), 8, 32) == preds
+  for d, (files, preds) in runs['before'].items():
+    assert digest(d) == files
+    assert predict_rows(MultiTaskModel([d]), rows_for(f'glue/{d.parent.name}'), 8, 32) == preds
 
 
 def test_predict_serves_fusion_alone_and_in_mixed_batches(runs, tmp_path):
   alone = predict_rows(MultiTaskModel([runs['fusion']]), ROWS, 8, 32)
   mixed_model = MultiTaskModel([runs['adapters'][0], runs['fusion'], runs['adapters'][1]])
-  rows = ROWS + _rows('glue/sst2') + _rows('glue/rte')
+  rows = ROWS + rows_for('glue/sst2') + rows_for('glue/rte')
   mixed = predict_rows(mixed_model, rows, 8, 32)
   for got, want in zip(mixed, alone + runs['before'][runs['adapters'][0]][1]
                        + runs['before'][runs['adapters'][1]][1]):
     assert got['task'] == want['task'] and got['label'] == want['label']
     np.testing.assert_allclose(got['logits'], want['logits'], atol=1e-6)
-  (tmp_path / 'in.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in ROWS))
-  # predict's command line (its main() in this process; test_predict.py runs the real one)
-  result = predict_main(f'--adapter={runs["fusion"]}', f'--input={tmp_path / "in.jsonl"}',
-                        f'--output={tmp_path / "out.jsonl"}')
-  assert result.returncode == 0, result.stderr[-2000:]
-  out = [json.loads(line) for line in (tmp_path / 'out.jsonl').read_text().splitlines()]
-  for got, want in zip(out, alone):
-    np.testing.assert_allclose(got['logits'], want['logits'], atol=1e-6)
-
-
-def _batch():
-  rng = np.random.default_rng(0)
-  lengths = np.array([12, 7, 3, 9])
-  mask = (np.arange(12)[None] < lengths[:, None]).astype(np.int32)
-  ids = rng.integers(5, 90, (4, 12)).astype(np.int32)
-  ids[:, 0] = 2
-  ids = np.where(mask == 1, ids, 0).astype(np.int32)
-  types = ((np.arange(12)[None] >= lengths[:, None] // 2) & (mask == 1)).astype(np.int32)
-  return {'input_ids': ids, 'attention_mask': mask, 'token_type_ids': types}
+  check_predict_cli(runs['fusion'], alone, tmp_path)
 
 
 def _adapterhub_logits(out: pathlib.Path, base, batch):
@@ -168,7 +133,7 @@ def _sharpened(fusion_dir, out):
 
 
 def test_adapterhub_fuse_reproduces_logits_and_imports_back(runs, tmp_path):
-  batch, logits = _batch(), {}
+  batch, logits = padded_batch(), {}
   for name, fusion_dir in (('trained', runs['fusion']),
                            ('sharp', _sharpened(runs['fusion'], tmp_path / 'sharp'))):
     ours = logits[name] = MultiTaskModel([fusion_dir]).logits(np.zeros(4, np.int32), batch)
@@ -281,5 +246,5 @@ def test_fusion_resume_after_sigkill_is_bit_identical(runs, tmp_path):
   assert fa.keys() == fb.keys()
   for k in fa:
     np.testing.assert_array_equal(fa[k], fb[k], err_msg='/'.join(k))
-  for d, (digest, _) in runs['before'].items():
-    assert _digest(d) == digest
+  for d, (files, _) in runs['before'].items():
+    assert digest(d) == files

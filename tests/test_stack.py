@@ -4,7 +4,6 @@ in one batch with the adapter below; exported to AdapterHub's `Stack` and back; 
 below's files and predictions untouched throughout."""
 
 import dataclasses
-import hashlib
 import json
 import pathlib
 import shutil
@@ -23,31 +22,14 @@ from adapter_tuning.peft import bottleneck, lora, stack
 from adapter_tuning.predict import predict_rows
 from adapter_tuning.serving.multi_adapter import MultiTaskModel
 from adapter_tuning.training.trainer import train_and_evaluate
-from conftest import GLUE_DIR
-from helpers import predict_main, run_train, tiny_config
-
-TOL = 1e-4  # AdapterHub's logits vs ours
-ROWS = [{'text': f'the film {w}', 'text_pair': 'a great movie', 'task': 'glue/mrpc'}
-        for w in ('was dull', 'is great', 'an actor', 'long and bland', 'very good')]
-
-
-def _config(base, task, **overrides):
-  return tiny_config(base, task, **{
-      'data.source': 'glue_dir', 'data.data_dir': str(GLUE_DIR),
-      'data.max_train_examples': 128, 'data.max_eval_examples': 32, **overrides})
+from composition import (ROWS, TOL, check_predict_cli, digest, glue_config, padded_batch,
+                         rows_for)
+from helpers import predict_main, run_train
 
 
 def _stack_config(base, below, **overrides):
-  return _config(base, 'glue/mrpc', **{'model.stack.below': str(below), 'num_train_steps': 8,
-                                       'learning_rate': 1e-2, **overrides})
-
-
-def _digest(directory):
-  return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(directory.iterdir())}
-
-
-def _rows(task):
-  return [dict(r, task=task) for r in ROWS]
+  return glue_config(base, 'glue/mrpc', **{
+      'model.stack.below': str(below), 'num_train_steps': 8, 'learning_rate': 1e-2, **overrides})
 
 
 @pytest.fixture(scope='module')
@@ -58,7 +40,7 @@ def runs(tmp_path_factory, sst2_peft_run):
   LayerNorms)."""
   root = tmp_path_factory.mktemp('stack')
   base, below = sst2_peft_run
-  before = (_digest(below), predict_rows(MultiTaskModel([below]), _rows('glue/sst2'), 8, 32))
+  before = (digest(below), predict_rows(MultiTaskModel([below]), rows_for('glue/sst2'), 8, 32))
   train_and_evaluate(_stack_config(base, below), root / 'stack')
   return {'root': root, 'base': base, 'below': below, 'before': before,
           'stack': root / 'stack' / 'adapter'}
@@ -88,9 +70,9 @@ def test_stack_trains_only_the_top_adapter_head_and_layer_norms(runs):
 
 
 def test_below_adapter_files_and_predictions_untouched(runs):
-  digest, preds = runs['before']
-  assert _digest(runs['below']) == digest
-  assert predict_rows(MultiTaskModel([runs['below']]), _rows('glue/sst2'), 8, 32) == preds
+  files, preds = runs['before']
+  assert digest(runs['below']) == files
+  assert predict_rows(MultiTaskModel([runs['below']]), rows_for('glue/sst2'), 8, 32) == preds
 
 
 def _encode(base, config, trained_encoder, batch):
@@ -107,7 +89,7 @@ def test_zero_adapter_on_top_is_the_adapter_below_alone(runs):
   below_config = peft.config_from_meta(meta)
   ref = peft.parts(peft.config_from_meta(artifact.load(runs['stack'])[0]))[0]
   top = bottleneck.AdapterConfig(size=8, init_scale=0.0)
-  batch = _batch()
+  batch = padded_batch()
   alone = _encode(runs['base'], below_config, below_params['encoder'], batch)
   stacked = _encode(runs['base'], peft.combine([top, ref]), {}, batch)
   np.testing.assert_array_equal(stacked, alone)
@@ -124,32 +106,14 @@ def test_predict_serves_the_stack_alone_and_beside_the_adapter_below(runs, tmp_p
   alone = predict_rows(MultiTaskModel([runs['stack']]), ROWS, 8, 32)
   below_preds = runs['before'][1]
   for order in ([runs['below'], runs['stack']], [runs['stack'], runs['below']]):
-    mixed = predict_rows(MultiTaskModel(order), ROWS + _rows('glue/sst2'), 8, 32)
+    mixed = predict_rows(MultiTaskModel(order), ROWS + rows_for('glue/sst2'), 8, 32)
     diff = max(np.abs(np.subtract(g['logits'], w['logits'])).max()
                for g, w in zip(mixed, alone + below_preds))
     print(f'mixed batch vs alone: max |logit diff| {diff:.1e}')
     for got, want in zip(mixed, alone + below_preds):
       assert got['task'] == want['task'] and got['label'] == want['label']
     assert diff <= 1e-5
-  (tmp_path / 'in.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in ROWS))
-  # predict's command line (its main() in this process; test_predict.py runs the real one)
-  result = predict_main(f'--adapter={runs["stack"]}', f'--input={tmp_path / "in.jsonl"}',
-                        f'--output={tmp_path / "out.jsonl"}')
-  assert result.returncode == 0, result.stderr[-2000:]
-  out = [json.loads(line) for line in (tmp_path / 'out.jsonl').read_text().splitlines()]
-  for got, want in zip(out, alone):
-    np.testing.assert_allclose(got['logits'], want['logits'], atol=1e-6)
-
-
-def _batch():
-  rng = np.random.default_rng(0)
-  lengths = np.array([12, 7, 3, 9])
-  mask = (np.arange(12)[None] < lengths[:, None]).astype(np.int32)
-  ids = rng.integers(5, 90, (4, 12)).astype(np.int32)
-  ids[:, 0] = 2
-  ids = np.where(mask == 1, ids, 0).astype(np.int32)
-  types = ((np.arange(12)[None] >= lengths[:, None] // 2) & (mask == 1)).astype(np.int32)
-  return {'input_ids': ids, 'attention_mask': mask, 'token_type_ids': types}
+  check_predict_cli(runs['stack'], alone, tmp_path)
 
 
 def _adapterhub_logits(out: pathlib.Path, base, batch, reverse=False):
@@ -209,7 +173,7 @@ def test_stacks_over_different_adapters_below_share_a_batch(runs, tmp_path):
   other_below = _rewrite(runs['below'], tmp_path / 'below2', 4)
   other = _rewrite(runs['stack'], tmp_path / 'stack2', 5, below=other_below, head_scale=5.0,
                    task='glue/mrpc_b')
-  rows = {d: _rows(t) for d, t in ((runs['stack'], 'glue/mrpc'), (other, 'glue/mrpc_b'),
+  rows = {d: rows_for(t) for d, t in ((runs['stack'], 'glue/mrpc'), (other, 'glue/mrpc_b'),
                                   (runs['below'], 'glue/sst2'))}
   alone = {d: predict_rows(MultiTaskModel([d]), r, 8, 32) for d, r in rows.items()}
   model = MultiTaskModel(list(rows))
@@ -235,7 +199,7 @@ def _variants(runs, tmp_path):
 
 
 def test_adapterhub_stack_reproduces_logits_and_imports_back(runs, tmp_path):
-  batch = _batch()
+  batch = padded_batch()
   for name, stack_dir in _variants(runs, tmp_path).items():
     ours = MultiTaskModel([stack_dir]).logits(np.zeros(4, np.int32), batch)
     out = tmp_path / f'ah_{name}'
