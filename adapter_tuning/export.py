@@ -59,7 +59,6 @@ from __future__ import annotations
 import json
 import pathlib
 import re
-import shutil
 import sys
 
 import numpy as np
@@ -123,19 +122,8 @@ def write_adapterhub(files, out: pathlib.Path):
 
   All into a temporary folder that replaces `out` only once complete; a full disk is one
   line naming `out`, and an `out` that was there stays as it was."""
-  from adapter_tuning import fileio
-  tmp = out.with_name(out.name + '.tmp')
-  try:
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    wrote_bin = _write_adapterhub_files(files, tmp)
-    from adapter_tuning.interop.artifact import replace_dir
-    replace_dir(tmp, out)
-  except OSError as e:
-    raise fileio.disk_failure(e, out) from None
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
-  return wrote_bin
+  from adapter_tuning.interop.artifact import write_folder
+  return write_folder(out, lambda tmp: _write_adapterhub_files(files, tmp))
 
 
 def write_config_and_weights(folder: pathlib.Path, config_name: str, weight_names: tuple,

@@ -4,9 +4,14 @@ command line on a JSONL file."""
 
 import hashlib
 import json
+import shutil
+
+import flax.traverse_util as tu
 
 import numpy as np
 
+from adapter_tuning.interop import artifact
+from adapter_tuning.serving.multi_adapter import MultiTaskModel
 from conftest import GLUE_DIR
 from helpers import predict_main, tiny_config
 
@@ -51,3 +56,22 @@ def check_predict_cli(adapter, want, tmp_path):
   out = [json.loads(line) for line in (tmp_path / 'out.jsonl').read_text().splitlines()]
   for got, w in zip(out, want):
     np.testing.assert_allclose(got['logits'], w['logits'], atol=1e-6)
+
+
+def borrowing_then_changed(borrower, method, field, source, tmp_path):
+  """(moved, copy): `borrower` (a fusion or stack artifact) saved again as `moved`, its first
+  borrowed adapter pointed at `copy` (an identical copy of `source`, which it still serves),
+  then `copy`'s weights changed by 1e-3 so that its content hash no longer matches."""
+  meta, params = artifact.load(borrower)
+  copy = tmp_path / 'borrowed_copy'
+  shutil.copytree(source, copy)
+  meta['peft'][method][field][0]['path'] = str(copy)
+  moved = tmp_path / f'{method}_moved'
+  artifact.save(moved, params, meta)
+  MultiTaskModel([moved])  # an identical copy is fine: the hash is of the content
+  c_meta, c_params = artifact.load(copy)
+  flat = tu.flatten_dict(c_params)
+  key = next(k for k in flat if k[-1] == 'kernel' and '_adapter' in k[-3])
+  flat[key] = flat[key] + 1e-3
+  artifact.save(copy, tu.unflatten_dict(flat), c_meta)
+  return moved, copy

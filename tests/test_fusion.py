@@ -23,8 +23,8 @@ from adapter_tuning.predict import predict_rows
 from adapter_tuning.serving.multi_adapter import MultiTaskModel
 from adapter_tuning.training.trainer import train_and_evaluate
 from conftest import GLUE_DIR
-from composition import (ROWS, TOL, check_predict_cli, digest, glue_config, padded_batch,
-                         rows_for)
+from composition import (ROWS, TOL, borrowing_then_changed, check_predict_cli, digest,
+                         glue_config, padded_batch, rows_for)
 from helpers import ROOT, read_metrics, run_train, start_train
 
 
@@ -164,18 +164,8 @@ def _one_line_error(result, needle):
 
 
 def test_changed_or_missing_fused_adapter_is_refused_in_one_line(runs, tmp_path):
-  meta, params = artifact.load(runs['fusion'])
-  member = tmp_path / 'sst2_copy'
-  shutil.copytree(runs['adapters'][0], member)
-  meta['peft']['fusion']['adapters'][0]['path'] = str(member)
-  moved = tmp_path / 'fusion_moved'
-  artifact.save(moved, params, meta)
-  MultiTaskModel([moved])  # an identical copy is fine: the hash is of the content
-  m_meta, m_params = artifact.load(member)
-  flat = tu.flatten_dict(m_params)
-  key = next(k for k in flat if k[-1] == 'kernel' and '_adapter' in k[-3])
-  flat[key] = flat[key] + 1e-3
-  artifact.save(member, tu.unflatten_dict(flat), m_meta)
+  moved, member = borrowing_then_changed(runs['fusion'], 'fusion', 'adapters',
+                                         runs['adapters'][0], tmp_path)
   with pytest.raises(UsageError, match='changed since the fusion was trained'):
     MultiTaskModel([moved])
   (tmp_path / 'in.jsonl').write_text(json.dumps(ROWS[0]) + '\n')

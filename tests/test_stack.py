@@ -22,8 +22,8 @@ from adapter_tuning.peft import bottleneck, lora, stack
 from adapter_tuning.predict import predict_rows
 from adapter_tuning.serving.multi_adapter import MultiTaskModel
 from adapter_tuning.training.trainer import train_and_evaluate
-from composition import (ROWS, TOL, check_predict_cli, digest, glue_config, padded_batch,
-                         rows_for)
+from composition import (ROWS, TOL, borrowing_then_changed, check_predict_cli, digest,
+                         glue_config, padded_batch, rows_for)
 from helpers import predict_main, run_train
 
 
@@ -235,18 +235,7 @@ def _one_line_error(result, needle):
 
 
 def test_changed_or_missing_adapter_below_is_refused_in_one_line(runs, tmp_path):
-  meta, params = artifact.load(runs['stack'])
-  copy = tmp_path / 'sst2_copy'
-  shutil.copytree(runs['below'], copy)
-  meta['peft']['stack']['below'][0]['path'] = str(copy)
-  moved = tmp_path / 'stack_moved'
-  artifact.save(moved, params, meta)
-  MultiTaskModel([moved])  # an identical copy is fine: the hash is of the content
-  b_meta, b_params = artifact.load(copy)
-  flat = tu.flatten_dict(b_params)
-  key = next(k for k in flat if k[-1] == 'kernel' and '_adapter' in k[-3])
-  flat[key] = flat[key] + 1e-3
-  artifact.save(copy, tu.unflatten_dict(flat), b_meta)
+  moved, copy = borrowing_then_changed(runs['stack'], 'stack', 'below', runs['below'], tmp_path)
   with pytest.raises(UsageError, match='changed since the stack was trained'):
     MultiTaskModel([moved])
   (tmp_path / 'in.jsonl').write_text(json.dumps(ROWS[0]) + '\n')

@@ -168,13 +168,12 @@ def _fusion_state(fuse, flat: dict, config, fusion_name: str) -> dict:
 
 
 def write(files: FusionFiles, out: pathlib.Path) -> bool:
-  """The whole folder into a temporary one that replaces `out` once complete; True when the
+  """The whole folder, put in place once complete (`artifact.write_folder`); True when the
   torch .bin files were written too."""
-  from adapter_tuning import export, fileio
-  tmp = out.with_name(out.name + '.tmp')
-  try:
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / ADAPTERS_DIR).mkdir(parents=True)
+  from adapter_tuning import export
+
+  def fill(tmp):
+    (tmp / ADAPTERS_DIR).mkdir()
     for name, adapter_files in files.adapters.items():
       export.write_adapterhub(adapter_files, tmp / ADAPTERS_DIR / name)
     (tmp / FUSION_DIR).mkdir()
@@ -188,12 +187,8 @@ def write(files: FusionFiles, out: pathlib.Path) -> bool:
       save_file({k: np.ascontiguousarray(v) for k, v in files.layer_norm_state.items()},
                 str(tmp / ah.LAYER_NORMS))
     (tmp / 'README.md').write_text(files.readme)
-    artifact.replace_dir(tmp, out)
-  except OSError as e:
-    raise fileio.disk_failure(e, out) from None
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
-  return wrote_bin
+    return wrote_bin
+  return artifact.write_folder(out, fill)
 
 
 # ----------------------------------------------------------------------------- import

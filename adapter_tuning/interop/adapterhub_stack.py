@@ -117,25 +117,20 @@ def to_adapterhub(params: dict, meta: dict, config, base_name: str,
 
 
 def write(files: StackFiles, out: pathlib.Path) -> bool:
-  """The whole folder into a temporary one that replaces `out` once complete; True when the
+  """The whole folder, put in place once complete (`artifact.write_folder`); True when the
   torch .bin files were written too."""
-  from adapter_tuning import export, fileio
-  tmp = out.with_name(out.name + '.tmp')
-  try:
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / ADAPTERS_DIR).mkdir(parents=True)
+  from adapter_tuning import export
+
+  def fill(tmp):
+    (tmp / ADAPTERS_DIR).mkdir()
     export.write_adapterhub(files.below_files, tmp / ADAPTERS_DIR / files.below)
     wrote_bin = export.write_adapterhub(files.task_files, tmp / ADAPTERS_DIR / files.task)
     (tmp / ADAPTERS_DIR / files.task / 'README.md').write_text(
         TASK_README.format(below=files.below, task=files.task))
     (tmp / STACK_FILE).write_text(json.dumps(files.manifest, indent=2, sort_keys=True))
     (tmp / 'README.md').write_text(files.readme)
-    artifact.replace_dir(tmp, out)
-  except OSError as e:
-    raise fileio.disk_failure(e, out) from None
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
-  return wrote_bin
+    return wrote_bin
+  return artifact.write_folder(out, fill)
 
 
 # ----------------------------------------------------------------------------- import

@@ -48,6 +48,24 @@ def save(directory: pathlib.Path, trainable_params: dict, meta: dict):
     shutil.rmtree(tmp, ignore_errors=True)
 
 
+def write_folder(out: pathlib.Path, fill):
+  """Builds a folder with `fill(tmp)` in a temporary sibling, which replaces `out` only once
+  complete (`replace_dir`): a full disk is one line naming `out`, and an `out` that was
+  there stays as it was. Returns what `fill` returns."""
+  out = pathlib.Path(out)
+  tmp = out.with_name(out.name + '.tmp')
+  try:
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    result = fill(tmp)
+    replace_dir(tmp, out)
+  except OSError as e:
+    raise fileio.disk_failure(e, out) from None
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  return result
+
+
 def replace_dir(tmp: pathlib.Path, directory: pathlib.Path):
   """Puts a fully written folder in place; the old one goes only once the new one is there."""
   if directory.exists():
